@@ -1,0 +1,1 @@
+"""punch package."""

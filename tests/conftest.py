@@ -1,0 +1,29 @@
+"""Shared fixtures: root-only tests skip cleanly elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.nstools import Netns, have, is_root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if is_root():
+        return
+    skip = pytest.mark.skip(reason="needs root (network namespaces, raw sockets)")
+    for item in items:
+        if "root" in item.keywords or "lab" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace, removed afterwards (also on failure)."""
+    with Netns("fx") as ns:
+        yield ns
+
+
+@pytest.fixture
+def needs_wireguard_go() -> None:
+    if not have("wireguard-go"):
+        pytest.skip("wireguard-go is not installed")
