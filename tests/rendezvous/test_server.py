@@ -1,0 +1,198 @@
+"""The real wg-rendezvous process on loopback."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.nstools import py_env, stop
+
+A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
+
+
+class RunningServer:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rendezvous", "--port", "0", "--stats-interval", "0", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=py_env(), text=True)
+        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.search(r"listening on ([\d.]+):(\d+)", line)
+            if m:
+                self.addr = (m.group(1), int(m.group(2)))
+                break
+        else:
+            raise AssertionError("server did not start: " + "".join(self.lines))
+
+    def finish(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, "".join(self.lines) + err
+
+
+@pytest.fixture(params=["mmsg", "plain"])
+def server(request):
+    s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--io", request.param)
+    yield s
+    if s.proc.poll() is None:
+        s.finish()
+
+
+def client(port: int = 0, addr: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, port))
+    s.settimeout(2)
+    return s
+
+
+def ask(sock: socket.socket, server_addr, mine: bytes, theirs: bytes) -> bytes:
+    sock.sendto(mine + theirs, server_addr)
+    data, src = sock.recvfrom(2048)
+    assert src == server_addr
+    return data
+
+
+def packed(sock: socket.socket) -> bytes:
+    ip, port = sock.getsockname()
+    return socket.inet_aton(ip) + port.to_bytes(2, "big")
+
+
+def test_register_and_lookup_from_several_ports(server):
+    a, b = client(), client()
+    assert ask(a, server.addr, A, B) == b""
+    assert ask(b, server.addr, B, A) == packed(a)
+    assert ask(a, server.addr, A, B) == packed(b)
+    assert ask(a, server.addr, A, A) == packed(a)  # what is my public endpoint?
+    assert ask(a, server.addr, A, C) == b""  # unknown key: empty datagram
+
+
+def test_reregistration_from_new_port_moves_entry(server):
+    a1, b = client(), client()
+    ask(a1, server.addr, A, B)
+    assert ask(b, server.addr, B, A) == packed(a1)
+    a2 = client()
+    ask(a2, server.addr, A, B)
+    assert ask(b, server.addr, B, A) == packed(a2)
+
+
+def test_bad_datagrams_get_no_reply_and_server_carries_on(server):
+    a = client()
+    a.settimeout(0.3)
+    for n in (0, 1, 63, 65, 1400):
+        a.sendto(b"x" * n, server.addr)
+    a.sendto(bytes(32) + B, server.addr)  # zero my_pubkey
+    with pytest.raises(TimeoutError):
+        a.recvfrom(2048)
+    a.settimeout(2)
+    assert ask(a, server.addr, A, A) == packed(a)
+    rc, log = server.finish()
+    assert rc == 0
+    assert "dropped_length=5" in log and "dropped_zero_key=1" in log
+
+
+def test_sigterm_exits_zero_with_final_stats(server):
+    ask(client(), server.addr, A, B)
+    rc, log = server.finish()
+    assert rc == 0
+    assert "requests=1" in log and "not_found=1" in log and "stopped" in log
+
+
+def test_port_in_use_is_one_clear_line():
+    busy = client()
+    r = subprocess.run([sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1",
+                        "--port", str(busy.getsockname()[1])],
+                       capture_output=True, text=True, env=py_env(), timeout=10)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"wg-rendezvous: cannot listen on 127.0.0.1:{busy.getsockname()[1]}: address already in use"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--listen", "1.2.3"], "not an IPv4 address"),
+    (["--port", "70000"], "not a UDP port"),
+    (["--ttl", "-5"], "must not be negative"),
+])
+def test_bad_arguments(args, msg):
+    r = subprocess.run([sys.executable, "-m", "rendezvous", *args],
+                       capture_output=True, text=True, env=py_env(), timeout=10)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_address_not_local_is_clear():
+    r = subprocess.run([sys.executable, "-m", "rendezvous", "--listen", "192.0.2.55", "--port", "0"],
+                       capture_output=True, text=True, env=py_env(), timeout=10)
+    assert r.returncode == 1 and "no such local address" in r.stderr
+
+
+@pytest.mark.parametrize("io", ["mmsg", "plain"])
+def test_reply_leaves_from_the_address_the_request_was_sent_to(io):
+    """Wildcard bind on a host with several addresses: a client that talks to the second
+    one (connected socket, so it accepts replies only from there) must get its reply."""
+    s = RunningServer("--rate", "0", "--io", io)  # 0.0.0.0
+    try:
+        port = s.addr[1]
+        for dst in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            c = client()
+            c.connect((dst, port))
+            c.send(A + A)
+            assert c.recv(64) == packed(c)
+            c.close()
+    finally:
+        assert s.finish()[0] == 0
+
+
+@pytest.mark.fuzz
+def test_fuzz_server_survives_and_never_amplifies():
+    s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--max-peers", "5000")
+    rng = random.Random(1234)
+    short, exact, long_, probe = client(), client(), client(), client()
+    for sock in (short, exact, long_):
+        sock.setblocking(False)
+    valid = A + B
+    sent = 0
+    try:
+        while sent < 100_000:
+            for _ in range(500):
+                kind = rng.random()
+                if kind < 0.3:
+                    data = os.urandom(rng.randrange(64))
+                    short.sendto(data, s.addr)
+                elif kind < 0.7:
+                    data = bytearray(valid if rng.random() < 0.5 else os.urandom(64))
+                    for _ in range(rng.randrange(1, 6)):
+                        data[rng.randrange(64)] = rng.randrange(256)
+                    exact.sendto(bytes(data), s.addr)
+                else:
+                    long_.sendto(os.urandom(rng.randrange(65, 1500)), s.addr)
+                sent += 1
+            for _attempt in range(5):  # the server must keep answering valid requests
+                try:
+                    if ask(probe, s.addr, C, C) == packed(probe):
+                        break
+                except TimeoutError:
+                    continue
+            else:
+                raise AssertionError(f"server stopped answering after {sent} datagrams")
+            assert s.proc.poll() is None
+        time.sleep(0.2)
+        for sock, limit in ((short, None), (long_, None), (exact, 6)):
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except BlockingIOError:
+                    break
+                assert limit is not None, "a datagram of the wrong length was answered"
+                assert len(data) in (0, 6)
+    finally:
+        rc, log = s.finish()
+    assert rc == 0, log

@@ -1,0 +1,62 @@
+from rendezvous.classic import ZERO_KEY
+from rendezvous.service import Config, Service, format_endpoint, short_key
+
+A, B = b"A" * 32, b"B" * 32
+SRC_A = bytes([198, 51, 100, 1]) + (40000).to_bytes(2, "big")
+SRC_B = bytes([203, 0, 113, 9]) + (51820).to_bytes(2, "big")
+
+
+def svc(**kw) -> Service:
+    return Service(Config(**{"rate": 0, **kw}))
+
+
+def test_unknown_peer_gets_empty_reply_and_registers_sender():
+    s = svc()
+    assert s.handle(A + B, SRC_A, 0.0) == b""
+    assert s.handle(B + A, SRC_B, 1.0) == SRC_A
+    assert s.handle(A + B, SRC_A, 2.0) == SRC_B
+    assert s.snapshot()["found"] == 2 and s.snapshot()["not_found"] == 1
+
+
+def test_self_lookup_returns_own_endpoint():
+    assert svc().handle(A + A, SRC_A, 0.0) == SRC_A
+
+
+def test_zero_my_key_registers_nothing_and_gets_no_reply():
+    s = svc()
+    assert s.handle(ZERO_KEY + B, SRC_A, 0.0) is None
+    assert s.handle(ZERO_KEY + ZERO_KEY, SRC_A, 0.0) is None
+    assert len(s.registry) == 0
+    assert s.snapshot()["dropped_zero_key"] == 2
+
+
+def test_lookup_of_zero_key_is_not_found():
+    assert svc().handle(A + ZERO_KEY, SRC_A, 0.0) == b""
+
+
+def test_other_lengths_dropped_and_counted():
+    s = svc()
+    for n in (0, 1, 63, 65, 96, 1500):
+        assert s.handle(bytes([1]) * n, SRC_A, 0.0) is None
+    assert s.snapshot()["dropped_length"] == 6 and len(s.registry) == 0
+
+
+def test_rate_limited_sources_get_nothing():
+    s = Service(Config(rate=1, burst=2))
+    assert s.handle(A + B, SRC_A, 0.0) == b""
+    assert s.handle(A + B, SRC_A, 0.0) == b""
+    assert s.handle(A + B, SRC_A, 0.0) is None
+    assert s.handle(B + A, SRC_B, 0.0) == SRC_A  # another source is unaffected
+    assert s.snapshot()["rate_limited"] == 1
+
+
+def test_reply_never_longer_than_request():
+    s = svc()
+    s.handle(B + B, SRC_B, 0.0)
+    reply = s.handle(A + B, SRC_A, 0.0)
+    assert reply is not None and len(reply) <= 64
+
+
+def test_formatting_helpers():
+    assert format_endpoint(SRC_A) == "198.51.100.1:40000"
+    assert short_key(bytes(32)) == "AAAAAAAA…"
