@@ -1,0 +1,248 @@
+"""The punch state machine: which request to send when, and which endpoints to apply.
+
+Pure: the I/O loop feeds it the time, the WireGuard device as last read, and the
+payloads of the server's replies; it returns actions (datagrams to send to the server,
+endpoints to apply) and says when it next needs to be woken. No sockets, no clocks.
+
+Classic replies do not say which peer they answer, so at most one request is in flight
+at a time; a reply that arrives when none is in flight (a late one) is discarded.
+
+Endpoint policy: the server's answer for a peer is applied when
+  1. WireGuard has no endpoint for the peer, or no handshake with it yet; or
+  2. the answer differs from the one we last applied (the peer's NAT rebound); or
+  3. the peer looks dead (received bytes flat for longer than its keepalive plus a
+     margin) and the answer differs from the endpoint WireGuard uses now.
+Otherwise WireGuard keeps what it has: it may have roamed to a better endpoint than
+the one the server saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from rendezvous.classic import REPLY_LEN, ClassicError, Endpoint, Request, decode_reply
+
+__all__ = [
+    "Apply", "DeviceView", "PeerState", "PeerView", "Punch", "Send", "Status", "Timing",
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    request_timeout: float = 1.0   # a request without a reply by then is lost
+    poll: float = 1.0              # retry a peer the server does not know yet
+    backoff_max: float = 8.0       # cap of the doubling retry delay after lost requests
+    interval: float = 20.0         # daemon: re-register and re-ask this often
+    keepalive: int = 25            # persistent keepalive applied with an endpoint
+    dead_margin: float = 5.0       # flat rx for keepalive + this = looks dead
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One peer as WireGuard reports it (endpoint and handshake age may be absent)."""
+
+    key: bytes
+    endpoint: tuple[str, int] | None = None  # may be IPv6: compared, never parsed
+    handshake_age: float | None = None  # seconds since the latest handshake
+    rx_bytes: int = 0
+    keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    my_key: bytes
+    peers: tuple[PeerView, ...]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send PAYLOAD to the rendezvous server from WireGuard's port."""
+
+    payload: bytes
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Set PEER's endpoint (and keepalive) on the interface, then open our NAT toward it."""
+
+    peer: bytes
+    endpoint: Endpoint
+    keepalive: int
+    reason: str
+
+
+class Status(Enum):
+    ASKING = "asking"          # no answer from the server yet
+    NOT_FOUND = "not found"    # the server does not know the peer (yet)
+    APPLIED = "applied"        # we set the server's endpoint
+    KEPT = "kept"              # WireGuard's endpoint is fine as it is
+
+
+@dataclass
+class PeerState:
+    key: bytes
+    status: Status = Status.ASKING
+    due: float = 0.0
+    lost: int = 0              # consecutive lost requests
+    answer: Endpoint | None = None   # the server's latest answer
+    applied: Endpoint | None = None  # what we last applied
+    applied_at: float | None = None
+    view: PeerView | None = None
+    rx_changed_at: float = 0.0
+
+    @property
+    def resolved(self) -> bool:
+        return self.status in (Status.APPLIED, Status.KEPT)
+
+
+@dataclass
+class _InFlight:
+    peer: bytes
+    deadline: float
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    replies: int = 0
+    lost: int = 0
+    late: int = 0
+    malformed: int = 0
+    applied: int = 0
+
+
+class Punch:
+    """Drive requests for every peer of a device (or the subset ONLY)."""
+
+    def __init__(self, timing: Timing = Timing(), daemon: bool = False,
+                 only: frozenset[bytes] | None = None) -> None:
+        self.timing = timing
+        self.daemon = daemon
+        self.only = only
+        self.my_key: bytes | None = None
+        self.peers: dict[bytes, PeerState] = {}
+        self.counters = Counters()
+        self.replied = False  # has the server ever answered?
+        self._inflight: _InFlight | None = None
+
+    # -- inputs ---------------------------------------------------------------------
+
+    def update_device(self, now: float, device: DeviceView) -> None:
+        """The device as just read: picks up added and removed peers and rx progress."""
+        self.my_key = device.my_key
+        seen = set()
+        for view in device.peers:
+            if self.only is not None and view.key not in self.only:
+                continue
+            seen.add(view.key)
+            st = self.peers.get(view.key)
+            if st is None:
+                st = self.peers[view.key] = PeerState(view.key, due=now, rx_changed_at=now)
+            elif st.view is None or view.rx_bytes != st.view.rx_bytes:
+                st.rx_changed_at = now
+            st.view = view
+            if self.daemon and st.resolved and self._looks_dead(st, now) and st.due > now + self.timing.poll:
+                st.due = now  # a dead-looking peer is polled fast
+        for gone in set(self.peers) - seen:
+            del self.peers[gone]
+            if self._inflight and self._inflight.peer == gone:
+                self._inflight = None
+
+    def on_reply(self, now: float, payload: bytes) -> list[Apply]:
+        """A datagram from the server (already checked to come from it, to our port)."""
+        if len(payload) not in (0, REPLY_LEN):
+            self.counters.malformed += 1
+            return []
+        inflight = self._inflight
+        if inflight is None or now > inflight.deadline:
+            self.counters.late += 1
+            return []
+        self._inflight = None
+        self.counters.replies += 1
+        self.replied = True
+        st = self.peers.get(inflight.peer)
+        if st is None:
+            return []
+        st.lost = 0
+        try:
+            answer = decode_reply(payload)
+        except ClassicError:
+            self.counters.malformed += 1
+            return []
+        if answer is None:
+            if not st.resolved:
+                st.status = Status.NOT_FOUND
+            st.due = now + self.timing.poll
+            return []
+        action = self._decide(st, answer, now)
+        st.answer = answer
+        st.due = now + (self.timing.interval if self.daemon else float("inf"))
+        if action is None:
+            if st.status is not Status.APPLIED:
+                st.status = Status.KEPT
+            return []
+        st.status = Status.APPLIED
+        st.applied, st.applied_at = answer, now
+        st.rx_changed_at = now  # give the new endpoint a full keepalive period
+        self.counters.applied += 1
+        return [action]
+
+    def poll(self, now: float) -> list[Send]:
+        """Expire a lost request and start the next one that is due."""
+        out: list[Send] = []
+        inflight = self._inflight
+        if inflight is not None and now >= inflight.deadline:
+            self._inflight = None
+            self.counters.lost += 1
+            st = self.peers.get(inflight.peer)
+            if st is not None:
+                st.lost += 1
+                delay = min(self.timing.poll * 2 ** (st.lost - 1), self.timing.backoff_max)
+                st.due = now + delay
+        if self._inflight is None and self.my_key is not None:
+            st = min(self.peers.values(), key=lambda s: s.due, default=None)
+            if st is not None and st.due <= now:
+                self._inflight = _InFlight(st.key, now + self.timing.request_timeout)
+                self.counters.sent += 1
+                out.append(Send(Request(self.my_key, st.key).to_bytes(), st.key))
+        return out
+
+    def next_wakeup(self) -> float:
+        """The earliest time poll() has something to do."""
+        if self._inflight is not None:
+            return self._inflight.deadline
+        return min((s.due for s in self.peers.values()), default=float("inf"))
+
+    # -- queries --------------------------------------------------------------------
+
+    def pending(self) -> list[PeerState]:
+        """Peers whose endpoint is not settled yet."""
+        return [s for s in self.peers.values() if not s.resolved]
+
+    def done(self) -> bool:
+        return not self.pending()
+
+    # -- policy ---------------------------------------------------------------------
+
+    def _looks_dead(self, st: PeerState, now: float) -> bool:
+        view = st.view
+        keepalive = (view.keepalive if view and view.keepalive else self.timing.keepalive)
+        return now - st.rx_changed_at > keepalive + self.timing.dead_margin
+
+    def _decide(self, st: PeerState, answer: Endpoint, now: float) -> Apply | None:
+        view = st.view
+        current = view.endpoint if view else None
+        ours = (answer.ip, answer.port)
+        keepalive = self.timing.keepalive
+        if current is None or view is None or view.handshake_age is None:
+            if current == ours and st.applied == answer:
+                return None  # already set by us; the handshake is WireGuard's business
+            return Apply(st.key, answer, keepalive, "no endpoint" if current is None
+                         else "no handshake yet")
+        if st.applied is not None and answer != st.applied:
+            return Apply(st.key, answer, keepalive, f"peer moved from {st.applied}")
+        if self._looks_dead(st, now) and ours != current:
+            return Apply(st.key, answer, keepalive, "peer looks dead")
+        return None

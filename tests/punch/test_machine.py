@@ -1,0 +1,165 @@
+"""The punch state machine, driven with a fake clock and fake device views."""
+
+from __future__ import annotations
+
+from rendezvous.classic import Endpoint
+from punch.machine import Apply, DeviceView, PeerView, Punch, Send, Status, Timing
+
+ME = b"M" * 32
+P1, P2 = b"1" * 32, b"2" * 32
+E1 = Endpoint("198.51.100.7", 40001)
+E1B = Endpoint("198.51.100.7", 40999)
+E2 = Endpoint("203.0.113.9", 51820)
+T = Timing(request_timeout=1.0, poll=1.0, backoff_max=8.0, interval=20.0, keepalive=25,
+           dead_margin=5.0)
+
+
+def dev(*peers: PeerView) -> DeviceView:
+    return DeviceView(ME, peers)
+
+
+def only_send(actions) -> Send:
+    assert len(actions) == 1 and isinstance(actions[0], Send), actions
+    return actions[0]
+
+
+def test_asks_for_each_peer_one_at_a_time():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1), PeerView(P2)))
+    s = only_send(m.poll(0.0))
+    assert s.payload == ME + s.peer
+    assert m.poll(0.1) == []  # one request in flight at a time
+    first = s.peer
+    [a] = m.on_reply(0.2, E1.packed())
+    assert isinstance(a, Apply) and a.peer == first and a.endpoint == E1 and a.keepalive == 25
+    s2 = only_send(m.poll(0.2))
+    assert s2.peer != first
+    m.on_reply(0.3, E2.packed())
+    assert m.done() and m.next_wakeup() == float("inf")
+
+
+def test_lost_request_times_out_and_backs_off_exponentially():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    assert m.next_wakeup() == 1.0
+    assert m.poll(1.0) == []  # timed out: retry after poll * 2**0
+    assert m.counters.lost == 1
+    only_send(m.poll(2.0))
+    assert m.poll(3.0) == []  # lost again: retry after 2 s
+    assert m.poll(4.9) == []
+    only_send(m.poll(5.0))
+    for _ in range(6):  # the delay doubles up to backoff_max
+        t = m.next_wakeup()
+        m.poll(t)
+        t2 = m.next_wakeup()
+        only_send(m.poll(t2))
+    assert m.next_wakeup() - t2 == 1.0  # request timeout
+    m.poll(m.next_wakeup())
+    assert m.peers[P1].due - m.next_wakeup() == 0 and m.peers[P1].lost == 9
+    assert m.peers[P1].due - (t2 + 1.0) == 8.0
+
+
+def test_late_reply_is_discarded():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    m.poll(1.0)  # lost
+    assert m.on_reply(1.5, E1.packed()) == []
+    assert m.counters.late == 1 and not m.done()
+
+
+def test_reply_after_deadline_but_before_poll_is_late():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(1.01, E1.packed()) == []
+    assert m.counters.late == 1
+
+
+def test_not_found_is_retried_at_poll_interval():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(0.1, b"") == []
+    assert m.peers[P1].status is Status.NOT_FOUND and m.replied
+    assert m.poll(1.0) == []
+    only_send(m.poll(1.1))
+    [a] = m.on_reply(1.2, E1.packed())
+    assert a.reason == "no endpoint" and m.done()
+
+
+def test_malformed_reply_is_counted_and_ignored():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(0.1, b"\x01\x02\x03") == []
+    assert m.counters.malformed == 1
+    assert m.on_reply(0.2, E1.packed())  # the real reply still counts
+
+
+def test_working_roamed_endpoint_is_kept():
+    """WireGuard has a live session on another endpoint: keep it (it may have roamed)."""
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=3.0, rx_bytes=10)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(0.1, E1.packed()) == []
+    assert m.peers[P1].status is Status.KEPT and m.done()
+
+
+def test_stale_handshake_but_alive_is_kept_until_it_looks_dead():
+    m = Punch(T, daemon=True)
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=100.0, rx_bytes=10)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(0.1, E1.packed()) == []
+    # rx stays flat for longer than keepalive + margin: the peer looks dead
+    m.update_device(31.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=131.0, rx_bytes=10)))
+    only_send(m.poll(31.0))  # polled at once, not at the 20 s interval
+    [a] = m.on_reply(31.1, E1.packed())
+    assert a.reason == "peer looks dead" and a.endpoint == E1
+
+
+def test_peer_with_endpoint_but_no_handshake_gets_the_server_answer():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820))))
+    only_send(m.poll(0.0))
+    [a] = m.on_reply(0.1, E1.packed())
+    assert a.reason == "no handshake yet"
+
+
+def test_daemon_follows_a_nat_rebind():
+    m = Punch(T, daemon=True)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    m.on_reply(0.1, E1.packed())
+    m.update_device(1.0, dev(PeerView(P1, (E1.ip, E1.port), handshake_age=0.5, rx_bytes=100)))
+    assert m.next_wakeup() == 20.1  # re-register and re-ask at the interval
+    assert m.poll(10.0) == []
+    only_send(m.poll(20.1))
+    assert m.on_reply(20.2, E1.packed()) == []  # unchanged: nothing to do
+    only_send(m.poll(40.2))
+    [a] = m.on_reply(40.3, E1B.packed())  # the peer's NAT moved it
+    assert a.endpoint == E1B and a.reason.startswith("peer moved from")
+
+
+def test_daemon_picks_up_added_and_removed_peers():
+    m = Punch(T, daemon=True)
+    m.update_device(0.0, dev(PeerView(P1)))
+    s = only_send(m.poll(0.0))
+    m.update_device(0.5, dev(PeerView(P2)))  # P1 removed while its request is in flight
+    assert set(m.peers) == {P2}
+    assert m.on_reply(0.6, E1.packed()) == []  # the answer for P1 is no longer wanted
+    s = only_send(m.poll(0.6))
+    assert s.peer == P2
+
+
+def test_only_restricts_the_peer_set():
+    m = Punch(T, only=frozenset({P2}))
+    m.update_device(0.0, dev(PeerView(P1), PeerView(P2)))
+    assert only_send(m.poll(0.0)).peer == P2
+    assert set(m.peers) == {P2}
+
+
+def test_nothing_is_sent_before_the_device_is_known():
+    m = Punch(T)
+    assert m.poll(0.0) == [] and m.next_wakeup() == float("inf")
