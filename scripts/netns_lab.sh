@@ -1,0 +1,614 @@
+#!/usr/bin/env bash
+# netns_lab.sh: a NAT hole-punching lab for wgpunch, built from network namespaces.
+# Run `netns_lab.sh --help` for the tour. Needs root; touches nothing outside its own
+# namespaces, its state directory and the processes it starts.
+set -euo pipefail
+
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+REPO=$(dirname "$(dirname "$SELF")")
+STATE_ROOT=${LAB_STATE_ROOT:-/run/wgpunch-lab}
+PYTHON=${PYTHON:-python3}
+export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1
+
+# --- the lab's fixed plan ----------------------------------------------------------------
+# Documentation and private ranges, alive only inside the lab's namespaces.
+WG_PORT=51820
+RDV_PORT=49918
+INET_SRV=198.51.100.1 SRV_ADDR=198.51.100.2     # internet <-> public server
+INET_A=203.0.113.1    PUB_A=203.0.113.2          # internet <-> NAT A (public side)
+INET_B=192.0.2.1      PUB_B=192.0.2.2            # internet <-> NAT B (public side)
+LAN_A_GW=192.168.1.1  ALICE_LAN=192.168.1.2      # NAT A LAN <-> Alice
+LAN_B_GW=192.168.2.1  BOB_LAN=192.168.2.2        # NAT B LAN <-> Bob
+ALICE_TUN=10.99.0.1   BOB_TUN=10.99.0.2          # inside the WireGuard tunnel
+HOSTS="inet server nat-a nat-b alice bob"
+NAT_MODES="cone fullcone symmetric"
+REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
+
+usage() {
+  cat <<EOF
+netns_lab.sh: see wgpunch punch through real NATs, on one machine, as root.
+
+The lab is six network namespaces joined by veth pairs (none touches the root namespace):
+
+    alice 192.168.1.2 -- [nat-a 192.168.1.1 | $PUB_A] --+
+                                                            +-- inet -- server $SRV_ADDR
+    bob   192.168.2.2 -- [nat-b 192.168.2.1 | $PUB_B]     --+
+
+Alice and Bob each have wg0 (listen port $WG_PORT, tunnel addresses $ALICE_TUN and $BOB_TUN)
+with the other as peer (allowed-ips, no endpoint). The server runs wg-rendezvous on
+UDP $RDV_PORT; wg-punch on each side finds the other's public address:port there.
+
+Usage: netns_lab.sh COMMAND [ARGS]
+
+  demo [--nat-a MODE] [--nat-b MODE] [--install]
+        Build a lab, start wg-rendezvous on the server and wg-punch on Alice and Bob,
+        ping through the tunnel both ways, print the time from the second client's start
+        to the first handshake, and tear everything down. Start here.
+  check [--install]
+        Say which tools are missing and the Debian packages that provide them;
+        with --install, apt-get (or pip) installs them.
+  up [--nat-a MODE] [--nat-b MODE]
+        Build a lab and leave it running (WireGuard configured, no client started).
+  down  Remove the lab: its processes (by PID), namespaces and state. Idempotent.
+  exec HOST CMD...
+        Run CMD on HOST ($HOSTS). On alice and bob it also
+        sees that host's private /run/wireguard. Replaces itself with CMD.
+  status
+        wg show on alice and bob, the NAT routers' UDP conntrack entries and drop rules.
+  info  The lab's addresses, keys and settings as KEY=VALUE lines.
+  rebind a|b
+        Make the NAT map its host's WireGuard port to a new public port (${REBIND_BASE}+n)
+        and forget the old mapping (conntrack entries flushed), like a NAT reboot.
+  drop a|b request|reply N
+        Drop the next N rendezvous requests (leaving the LAN for UDP port $RDV_PORT) or
+        replies (arriving from UDP port $RDV_PORT) that cross that NAT.
+
+NAT modes (nftables on each router; the default is cone):
+  cone       masquerade. Keeps the source port and hence the same public port for
+             every destination; inbound packets pass only as replies to the exact
+             address:port the host sent to (port-restricted cone).
+  fullcone   cone mapping, and any outside host may send to a mapped public port: the
+             router learns "public port -> host:port" from outgoing UDP and DNATs
+             inbound UDP to that port back to the host (a dynamic nftables map).
+  symmetric  masquerade fully-random: a new random public port for each destination.
+             Hole punching through it needs port prediction; wg-punch should say so.
+Every router drops unsolicited packets addressed to itself, as home routers do.
+
+Environment:
+  LAB_PREFIX    namespace/state prefix (default: a fresh wgpl-XXXXXX kept in
+                $STATE_ROOT/default for later commands)
+  LAB_WG        auto (default: kernel WireGuard when 'ip link add type wireguard' works,
+                else wireguard-go), kernel, or userspace
+  LAB_TIMEOUT   demo: seconds to wait for the tunnel (default 20)
+  PYTHON        interpreter for wg-rendezvous and wg-punch (default python3); both run
+                from this checkout ($REPO) via PYTHONPATH, without installing
+  LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
+
+Examples:
+  sudo scripts/netns_lab.sh demo
+  sudo scripts/netns_lab.sh demo --nat-a symmetric        # watch it fail, and say why
+  sudo scripts/netns_lab.sh up --nat-a fullcone
+  sudo scripts/netns_lab.sh exec alice wg show
+  sudo scripts/netns_lab.sh down
+EOF
+}
+
+die() { echo "netns_lab: $*" >&2; exit 1; }
+say() { echo "netns_lab: $*" >&2; }
+
+# --- naming and state ----------------------------------------------------------------------
+valid_prefix() { [[ $1 =~ ^[a-z0-9][a-z0-9-]{0,23}$ ]]; }
+
+# Resolve the lab prefix P and its state dir S. $1=new: make a fresh default if needed.
+resolve_prefix() {
+  local want=${1:-}
+  if [ -n "${LAB_PREFIX:-}" ]; then
+    P=$LAB_PREFIX
+  elif [ -f "$STATE_ROOT/default" ]; then
+    P=$(cat "$STATE_ROOT/default")
+  elif [ "$want" = new ]; then
+    P=wgpl-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+    mkdir -p "$STATE_ROOT"
+    echo "$P" >"$STATE_ROOT/default"
+  else
+    die "no lab found (LAB_PREFIX unset and no $STATE_ROOT/default); run 'up' first"
+  fi
+  valid_prefix "$P" || die "bad LAB_PREFIX '$P' (lowercase letters, digits, '-', max 24)"
+  S=$STATE_ROOT/$P
+}
+
+ns_of() {
+  case $1 in
+    inet) echo "$P-inet" ;; server) echo "$P-srv" ;; nat-a) echo "$P-nat-a" ;;
+    nat-b) echo "$P-nat-b" ;; alice) echo "$P-alice" ;; bob) echo "$P-bob" ;;
+    *) die "unknown host '$1' (one of: $HOSTS)" ;;
+  esac
+}
+all_ns() { local h; for h in $HOSTS; do ns_of "$h"; done; echo "$P-probe"; }
+ns_exists() { [ -e "/run/netns/$1" ]; }
+
+# "pid starttime" pidfiles: a recycled PID is never mistaken for ours.
+starttime() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }
+              set -- $s; echo "${20}"; }
+record_pid() { mkdir -p "$S/pids"; echo "$2 $(starttime "$2" || echo 0)" >"$S/pids/$1.pid"; }
+live_pid() {  # live_pid NAME -> prints the PID if that process still runs
+  local f=$S/pids/$1.pid pid st
+  [ -f "$f" ] || return 1
+  read -r pid st <"$f"
+  [ "$(starttime "$pid" 2>/dev/null)" = "$st" ] && echo "$pid"
+}
+
+# --- running things on a host ----------------------------------------------------------------
+# alice and bob have a holder process: a mount namespace with a private /run/wireguard
+# (wireguard-go's UAPI socket path is global), inside the host's network namespace.
+host_argv() {
+  local h=$1 holder
+  HOST_ARGV=()
+  if [ "$h" = alice ] || [ "$h" = bob ]; then
+    holder=$(live_pid "holder-$h") || die "$h's mount-namespace holder is gone (lab broken? try down/up)"
+    HOST_ARGV=(nsenter -t "$holder" -m -n --)
+  else
+    HOST_ARGV=(ip netns exec "$(ns_of "$h")")
+  fi
+}
+on() { local h=$1; shift; host_argv "$h"; "${HOST_ARGV[@]}" "$@"; }
+# spawn NAME HOST CMD...: start a long-lived process on HOST, log to $S/logs/NAME.log.
+spawn() {
+  local name=$1 h=$2; shift 2
+  mkdir -p "$S/logs"
+  host_argv "$h"
+  setsid "${HOST_ARGV[@]}" "$@" </dev/null >>"$S/logs/$name.log" 2>&1 &
+  record_pid "$name" $!
+  SPAWNED=$!
+}
+
+# --- dependencies ------------------------------------------------------------------------------
+kernel_wg_works() {  # probe in a scratch namespace of ours
+  local ns="$P-probe" ok=1
+  ip netns add "$ns" 2>/dev/null || return 1
+  ip -n "$ns" link add wgprobe type wireguard 2>/dev/null && ok=0
+  ip netns del "$ns" 2>/dev/null || true
+  return $ok
+}
+
+cmd_check() {
+  local install=0 a
+  for a in "$@"; do case $a in --install) install=1 ;; *) die "check: unknown option $a" ;; esac; done
+  [ "$(id -u)" = 0 ] || die "needs root (network namespaces, nftables, WireGuard)"
+  local pkgs=() pips=() t
+  declare -A pkg_of=([ip]=iproute2 [ss]=iproute2 [nft]=nftables [wg]=wireguard-tools
+    [conntrack]=conntrack [ping]=iputils-ping [unshare]=util-linux [nsenter]=util-linux
+    [setsid]=util-linux [od]=coreutils)
+  for t in ip ss nft wg conntrack ping unshare nsenter setsid od; do
+    command -v "$t" >/dev/null || pkgs+=("${pkg_of[$t]}")
+  done
+  local wgmode=${LAB_WG:-auto}
+  if [ "$wgmode" != kernel ] && ! command -v wireguard-go >/dev/null; then
+    if [ "$wgmode" = userspace ] || ! { command -v ip >/dev/null && resolve_prefix_probe && kernel_wg_works; }; then
+      pkgs+=(wireguard-go)
+    fi
+  fi
+  local py_system=0
+  [ "$(command -v "$PYTHON" 2>/dev/null)" = /usr/bin/python3 ] && py_system=1
+  if ! command -v "$PYTHON" >/dev/null; then
+    pkgs+=(python3 python3-pyroute2 python3-cffi)
+  else
+    for t in pyroute2 cffi; do
+      if ! "$PYTHON" -c "import $t" 2>/dev/null; then
+        if [ $py_system = 1 ]; then pkgs+=("python3-$t"); else pips+=("$t"); fi
+      fi
+    done
+  fi
+  if [ ${#pkgs[@]} -eq 0 ] && [ ${#pips[@]} -eq 0 ]; then return 0; fi
+  mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u | sed '/^$/d')
+  if [ $install = 0 ]; then
+    say "missing tools. Install them with:"
+    [ ${#pkgs[@]} -eq 0 ] || echo "    apt-get install -y ${pkgs[*]}" >&2
+    [ ${#pips[@]} -eq 0 ] || echo "    $PYTHON -m pip install ${pips[*]}" >&2
+    say "or rerun with --install"
+    return 1
+  fi
+  if [ ${#pkgs[@]} -gt 0 ]; then
+    say "installing: ${pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+  fi
+  [ ${#pips[@]} -eq 0 ] || "$PYTHON" -m pip install "${pips[@]}"
+}
+resolve_prefix_probe() { P=${P:-wgpl-check$$}; }
+
+# --- building the lab --------------------------------------------------------------------------
+new_ns() {
+  ip netns add "$1"
+  ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  ip -n "$1" link set lo up
+}
+# link NS_A IF_A ADDR_A NS_B IF_B ADDR_B: a veth pair made directly inside the two namespaces.
+link() {
+  ip -n "$1" link add "$2" type veth peer name "$5" netns "$4"
+  ip -n "$1" addr add "$3" dev "$2"; ip -n "$1" link set "$2" up
+  ip -n "$4" addr add "$6" dev "$5"; ip -n "$4" link set "$5" up
+}
+
+# nat_ruleset MODE LAN_HOST: the router's nftables table (one table, flushed on reload).
+nat_ruleset() {
+  local mode=$1 masq="masquerade"
+  [ "$mode" = symmetric ] && masq="masquerade fully-random"
+  cat <<EOF
+table ip wgpunch_lab {
+EOF
+  if [ "$mode" = fullcone ]; then cat <<EOF
+	# fullcone: public UDP port -> the LAN address:port that was mapped to it, learnt
+	# after source NAT so it follows whatever port masquerade (or rebind) chose.
+	map fullcone { type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 10m; }
+	chain fullcone_learn {
+		type filter hook postrouting priority srcnat + 10;
+		oifname "wan" meta l4proto udp update @fullcone { udp sport : ct original ip saddr . ct original proto-src }
+	}
+EOF
+  fi
+  cat <<EOF
+	# test drops (\`drop\` adds counted rules here); before the forward filter
+	chain drops { type filter hook forward priority filter - 10; }
+	chain nat_pre {
+		type nat hook prerouting priority dstnat;
+EOF
+  [ "$mode" = fullcone ] && echo '		iifname "wan" meta l4proto udp dnat ip to udp dport map @fullcone'
+  cat <<EOF
+	}
+	chain nat_post {
+		type nat hook postrouting priority srcnat;
+		# \`rebind\` inserts host-specific snat rules above this line
+		oifname "wan" $masq
+	}
+	chain router_in {
+		type filter hook input priority filter; policy accept;
+		# unsolicited packets to the router itself die here, before conntrack confirms
+		# them: no stale unreplied entry can push the host's next flow to another port
+		iifname "wan" ct state established,related accept
+		iifname "wan" drop
+	}
+	chain router_fwd {
+		type filter hook forward priority filter; policy drop;
+		iifname "lan" oifname "wan" accept
+		iifname "wan" oifname "lan" ct state established,related accept
+EOF
+  [ "$mode" = fullcone ] && echo '		iifname "wan" oifname "lan" ct status dnat accept'
+  cat <<EOF
+	}
+}
+EOF
+}
+
+make_holder() {  # a long-lived process owning HOST's private /run/wireguard
+  local h=$1
+  mkdir -p /run/wireguard   # the mount point (wireguard-tools makes it anyway)
+  setsid ip netns exec "$(ns_of "$h")" unshare -m --propagation private \
+    sh -c 'mount -t tmpfs -o mode=0700,size=1m wgpunch-lab /run/wireguard && exec sleep infinity' \
+    </dev/null >/dev/null 2>&1 &
+  record_pid "holder-$h" $!
+  local i
+  for i in $(seq 100); do   # ready once its mount table shows our tmpfs
+    awk '$5 == "/run/wireguard" && / - tmpfs wgpunch-lab / { f = 1 } END { exit !f }' \
+      "/proc/$!/mountinfo" 2>/dev/null && return 0
+    kill -0 $! 2>/dev/null || break
+    sleep 0.02
+  done
+  die "could not start the mount-namespace holder for $h"
+}
+
+make_wg() {  # make_wg HOST ADDR PEER_HOST PEER_ADDR
+  local h=$1 addr=$2 peer=$3 peer_addr=$4 holder i
+  if [ "$WG_IMPL" = kernel ]; then
+    ip -n "$(ns_of "$h")" link add wg0 type wireguard
+  else
+    spawn "wireguard-go-$h" "$h" wireguard-go -f wg0
+    holder=$(live_pid "holder-$h")
+    for i in $(seq 250); do
+      [ -S "/proc/$holder/root/run/wireguard/wg0.sock" ] && break
+      kill -0 "$SPAWNED" 2>/dev/null || die "wireguard-go on $h exited: $(tail -n5 "$S/logs/wireguard-go-$h.log")"
+      sleep 0.02
+    done
+    [ -S "/proc/$holder/root/run/wireguard/wg0.sock" ] || die "wireguard-go on $h: no UAPI socket"
+  fi
+  # The peer gets allowed-ips but NO endpoint: finding it is wg-punch's job. Nothing is
+  # routed into wg0 here (wireguard-go would start a handshake it cannot send and then
+  # hold off new ones for 5 s).
+  on "$h" wg set wg0 private-key "$S/$h.key" listen-port "$WG_PORT" \
+    peer "$(cat "$S/$peer.pub")" allowed-ips "$peer_addr/32"
+  on "$h" ip addr add "$addr/24" dev wg0
+  on "$h" ip link set wg0 up
+}
+
+cmd_up() {
+  local nat_a=cone nat_b=cone
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --nat-a) nat_a=${2:-}; shift 2 ;;
+      --nat-b) nat_b=${2:-}; shift 2 ;;
+      *) die "up: unknown argument '$1' (see --help)" ;;
+    esac
+  done
+  local m
+  for m in "$nat_a" "$nat_b"; do
+    [[ " $NAT_MODES " == *" $m "* ]] || die "unknown NAT mode '$m' (one of: $NAT_MODES)"
+  done
+  [ "$(id -u)" = 0 ] || die "needs root"
+  resolve_prefix new
+  local n
+  for n in $(all_ns); do ns_exists "$n" && die "lab $P already exists ($n); run down first"; done
+  [ -e "$S" ] && die "lab $P already has state in $S; run down first"
+  mkdir -p "$S"
+  # Any failure from here on (error or die) removes the half-built lab.
+  UP_DONE=0
+  trap 'if [ "$UP_DONE" = 0 ]; then say "up failed; removing the half-built lab $P"; cmd_down >/dev/null 2>&1 || true; fi' EXIT
+
+  case ${LAB_WG:-auto} in
+    kernel) kernel_wg_works || die "LAB_WG=kernel but 'ip link add type wireguard' fails"; WG_IMPL=kernel ;;
+    userspace) WG_IMPL=userspace ;;
+    auto) if kernel_wg_works; then WG_IMPL=kernel; else WG_IMPL=userspace; fi ;;
+    *) die "LAB_WG must be auto, kernel or userspace" ;;
+  esac
+  [ "$WG_IMPL" = kernel ] || command -v wireguard-go >/dev/null ||
+    die "no kernel WireGuard and no wireguard-go (apt-get install wireguard-go)"
+
+  local inet srv na nb al bo
+  inet=$(ns_of inet) srv=$(ns_of server) na=$(ns_of nat-a) nb=$(ns_of nat-b)
+  al=$(ns_of alice) bo=$(ns_of bob)
+  for n in "$inet" "$srv" "$na" "$nb" "$al" "$bo"; do new_ns "$n"; done
+  for n in "$inet" "$na" "$nb"; do ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1; done
+
+  link "$inet" srv0 "$INET_SRV/24" "$srv" eth0 "$SRV_ADDR/24"
+  link "$inet" nata0 "$INET_A/24" "$na" wan "$PUB_A/24"
+  link "$inet" natb0 "$INET_B/24" "$nb" wan "$PUB_B/24"
+  link "$na" lan "$LAN_A_GW/24" "$al" eth0 "$ALICE_LAN/24"
+  link "$nb" lan "$LAN_B_GW/24" "$bo" eth0 "$BOB_LAN/24"
+  ip -n "$srv" route add default via "$INET_SRV"
+  ip -n "$na" route add default via "$INET_A"
+  ip -n "$nb" route add default via "$INET_B"
+  ip -n "$al" route add default via "$LAN_A_GW"
+  ip -n "$bo" route add default via "$LAN_B_GW"
+
+  nat_ruleset "$nat_a" | ip netns exec "$na" nft -f -
+  nat_ruleset "$nat_b" | ip netns exec "$nb" nft -f -
+
+  (umask 077; for h in alice bob; do wg genkey >"$S/$h.key"; wg pubkey <"$S/$h.key" >"$S/$h.pub"; done)
+  cat >"$S/config" <<EOF
+NAT_A=$nat_a
+NAT_B=$nat_b
+WG_IMPL=$WG_IMPL
+EOF
+  make_holder alice; make_holder bob
+  make_wg alice "$ALICE_TUN" bob "$BOB_TUN"
+  make_wg bob "$BOB_TUN" alice "$ALICE_TUN"
+  UP_DONE=1; trap - EXIT
+  say "lab $P is up (NAT A: $nat_a, NAT B: $nat_b, WireGuard: $WG_IMPL)"
+}
+
+load_config() {
+  [ -f "$S/config" ] || die "lab $P is not up (no $S/config)"
+  # shellcheck disable=SC1091
+  . "$S/config"
+}
+
+# --- tearing down --------------------------------------------------------------------------------
+cmd_down() {
+  resolve_prefix_quiet || return 0
+  local pids=() f pid st n i
+  if [ -d "$S/pids" ]; then
+    for f in "$S"/pids/*.pid; do
+      [ -f "$f" ] || continue
+      read -r pid st <"$f" || continue
+      [ "$(starttime "$pid" 2>/dev/null)" = "$st" ] && pids+=("$pid")
+    done
+  fi
+  for n in $(all_ns); do   # anything else still running inside the lab (e.g. from `exec`)
+    ns_exists "$n" || continue
+    for pid in $(ip netns pids "$n" 2>/dev/null); do pids+=("$pid"); done
+  done
+  if [ ${#pids[@]} -gt 0 ]; then
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    for i in $(seq 60); do
+      local alive=()
+      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+      [ ${#alive[@]} -eq 0 ] && break
+      [ "$i" = 60 ] && kill -KILL "${alive[@]}" 2>/dev/null || true
+      sleep 0.05
+    done
+  fi
+  for n in $(all_ns); do
+    ns_exists "$n" && { ip netns del "$n" 2>/dev/null || say "could not delete namespace $n"; }
+  done
+  rm -rf "$S"
+  if [ -f "$STATE_ROOT/default" ] && [ "$(cat "$STATE_ROOT/default")" = "$P" ]; then
+    rm -f "$STATE_ROOT/default"
+  fi
+  rmdir "$STATE_ROOT" 2>/dev/null || true
+  local left=()
+  for n in $(all_ns); do ns_exists "$n" && left+=("$n"); done
+  [ ${#left[@]} -eq 0 ] || die "left behind: ${left[*]}"
+  say "lab $P is down"
+}
+resolve_prefix_quiet() {
+  if [ -n "${LAB_PREFIX:-}" ]; then P=$LAB_PREFIX
+  elif [ -f "$STATE_ROOT/default" ]; then P=$(cat "$STATE_ROOT/default")
+  else say "no lab to remove"; return 1; fi
+  valid_prefix "$P" || die "bad LAB_PREFIX '$P'"
+  S=$STATE_ROOT/$P
+}
+
+# --- inspecting and poking a running lab ----------------------------------------------------------
+cmd_exec() {
+  [ $# -ge 2 ] || die "usage: exec HOST CMD..."
+  resolve_prefix
+  local h=$1; shift
+  ns_of "$h" >/dev/null
+  ns_exists "$(ns_of "$h")" || die "lab $P has no $h (is it up?)"
+  host_argv "$h"
+  exec "${HOST_ARGV[@]}" "$@"
+}
+
+cmd_info() {
+  resolve_prefix; load_config
+  cat <<EOF
+PREFIX=$P
+STATE=$S
+WG_IMPL=$WG_IMPL
+NAT_A=$NAT_A
+NAT_B=$NAT_B
+SERVER=$SRV_ADDR
+RDV_PORT=$RDV_PORT
+WG_PORT=$WG_PORT
+PUB_A=$PUB_A
+PUB_B=$PUB_B
+ALICE_LAN=$ALICE_LAN
+BOB_LAN=$BOB_LAN
+ALICE_TUN=$ALICE_TUN
+BOB_TUN=$BOB_TUN
+ALICE_PUBKEY=$(cat "$S/alice.pub")
+BOB_PUBKEY=$(cat "$S/bob.pub")
+EOF
+}
+
+cmd_status() {
+  resolve_prefix; load_config
+  echo "lab $P (NAT A: $NAT_A, NAT B: $NAT_B, WireGuard: $WG_IMPL)"
+  local h
+  for h in alice bob; do echo "== $h: wg show"; on "$h" wg show wg0 || true; done
+  for h in nat-a nat-b; do
+    echo "== $h: UDP conntrack"; on "$h" conntrack -L -p udp 2>/dev/null || true
+    echo "== $h: drop rules"; on "$h" nft list chain ip wgpunch_lab drops | grep -w drop || true
+  done
+}
+
+nat_host() { case $1 in a) echo nat-a ;; b) echo nat-b ;; *) die "NAT must be a or b, not '$1'" ;; esac; }
+
+cmd_rebind() {
+  [ $# -eq 1 ] || die "usage: rebind a|b"
+  resolve_prefix; load_config
+  local nat lan pub n port
+  nat=$(nat_host "$1")
+  if [ "$1" = a ]; then lan=$ALICE_LAN pub=$PUB_A; else lan=$BOB_LAN pub=$PUB_B; fi
+  n=$(( $(cat "$S/rebind-$1" 2>/dev/null || echo 0) + 1 ))
+  port=$((REBIND_BASE + n))
+  # New rule first (newest on top), then forget the old mappings so the next packet
+  # from the host gets the new one.
+  on "$nat" nft insert rule ip wgpunch_lab nat_post oifname wan ip saddr "$lan" \
+    udp sport "$WG_PORT" snat ip to "$pub:$port"
+  on "$nat" conntrack -D -s "$lan" >/dev/null 2>&1 || true
+  on "$nat" conntrack -D --reply-src "$lan" >/dev/null 2>&1 || true
+  echo "$n" >"$S/rebind-$1"
+  say "NAT $1 now maps $lan:$WG_PORT to $pub:$port"
+  echo "$pub:$port"
+}
+
+cmd_drop() {
+  [ $# -eq 3 ] || die "usage: drop a|b request|reply N"
+  resolve_prefix; load_config
+  local nat match
+  nat=$(nat_host "$1")
+  [[ $3 =~ ^[0-9]+$ ]] && [ "$3" -gt 0 ] || die "N must be a positive integer"
+  case $2 in
+    request) match="iifname lan udp dport $RDV_PORT" ;;
+    reply) match="iifname wan udp sport $RDV_PORT" ;;
+    *) die "drop what? request or reply, not '$2'" ;;
+  esac
+  # numgen inc counts the packets this rule sees: the first N are dropped, later ones pass.
+  on "$nat" nft add rule ip wgpunch_lab drops $match numgen inc mod 1000000000 '<' "$3" \
+    counter drop comment "\"$2 x$3\""
+  say "NAT $1 drops the next $3 rendezvous $2(s)"
+}
+
+# --- the demo ---------------------------------------------------------------------------------------
+now_us() { echo "${EPOCHREALTIME/./}"; }
+
+handshake_time() {  # prints the newest handshake time on HOST's wg0 (0 = none)
+  on "$1" wg show wg0 latest-handshakes 2>/dev/null | awk '{ if ($2 > m) m = $2 } END { print m + 0 }'
+}
+
+cmd_demo() {
+  local up_args=() install=0
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --nat-a|--nat-b) up_args+=("$1" "${2:-}"); shift 2 ;;
+      --install) install=1; shift ;;
+      *) die "demo: unknown argument '$1' (see --help)" ;;
+    esac
+  done
+  if [ $install = 1 ]; then cmd_check --install; else cmd_check || exit 1; fi
+  for m in rendezvous punch; do
+    [ -f "$REPO/$m/__main__.py" ] || die "$REPO/$m/__main__.py is missing: this checkout has no runnable $m yet"
+  done
+  [ -n "${LAB_PREFIX:-}" ] || LAB_PREFIX=wgpl-$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+  export LAB_PREFIX
+  trap 'cmd_down >/dev/null 2>&1 || true' EXIT
+  trap 'exit 130' INT TERM HUP
+  cmd_up "${up_args[@]}"
+  trap 'cmd_down >/dev/null 2>&1 || true' EXIT
+  resolve_prefix; load_config
+  local limit=${LAB_TIMEOUT:-20} pyenv=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}")
+
+  spawn server server "${pyenv[@]}" "$PYTHON" -m rendezvous --listen "$SRV_ADDR" --port "$RDV_PORT" -v
+  local i
+  for i in $(seq 250); do
+    on server ss -Hlun "sport = :$RDV_PORT" | grep -q . && break
+    kill -0 "$SPAWNED" 2>/dev/null || { cat "$S/logs/server.log" >&2; die "wg-rendezvous exited"; }
+    sleep 0.02
+  done
+  say "wg-rendezvous listens on $SRV_ADDR:$RDV_PORT"
+
+  spawn punch-alice alice "${pyenv[@]}" "$PYTHON" -m punch "$SRV_ADDR:$RDV_PORT" wg0 --timeout "$limit" -v
+  local pa=$SPAWNED
+  local t0; t0=$(now_us)
+  spawn punch-bob bob "${pyenv[@]}" "$PYTHON" -m punch "$SRV_ADDR:$RDV_PORT" wg0 --timeout "$limit" -v
+  local pb=$SPAWNED
+  say "wg-punch started on alice and bob; waiting up to ${limit}s for a handshake"
+  local t1=0 deadline=$(( t0 + limit * 1000000 ))
+  while [ "$(now_us)" -lt $deadline ]; do
+    if [ "$(handshake_time alice)" != 0 ] || [ "$(handshake_time bob)" != 0 ]; then t1=$(now_us); break; fi
+    sleep 0.02
+  done
+  local ra=0 rb=0
+  wait $pa || ra=$?; wait $pb || rb=$?
+  echo "wg-punch on alice exited $ra, on bob $rb"
+  for h in alice bob; do echo "== $h"; on "$h" wg show wg0 | sed -n '/^peer/,$p'; done
+  local ok=1 ttt=-1
+  if [ "$t1" = 0 ]; then
+    ok=0
+    echo "no handshake within ${limit}s."
+    [ "$NAT_A" != symmetric ] && [ "$NAT_B" != symmetric ] ||
+      echo "(expected: a symmetric NAT gives a new public port per destination, so the" \
+           "address the server saw is not the one the peer must use)"
+    for f in punch-alice punch-bob server; do echo "-- $f log (tail)"; tail -n 8 "$S/logs/$f.log"; done
+  else
+    ttt=$(( (t1 - t0) / 1000 ))
+    if on alice ping -c 3 -i 0.2 -W 2 -q "$BOB_TUN" && on bob ping -c 3 -i 0.2 -W 2 -q "$ALICE_TUN"; then
+      echo "ping through the tunnel works both ways"
+    else
+      ok=0; echo "handshake done but ping through the tunnel failed"
+    fi
+    printf 'time from the second client start to the first handshake: %d.%03d s\n' $((ttt / 1000)) $((ttt % 1000))
+  fi
+  echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb"
+  [ $ok = 1 ]
+}
+
+# --- main --------------------------------------------------------------------------------------------
+main() {
+  [ $# -ge 1 ] || { usage >&2; exit 2; }
+  local cmd=$1; shift
+  case $cmd in
+    -h|--help|help) usage ;;
+    up) cmd_up "$@" ;;
+    down) [ $# -eq 0 ] || die "down takes no arguments"; cmd_down ;;
+    exec) cmd_exec "$@" ;;
+    status) cmd_status ;;
+    info) cmd_info ;;
+    rebind) cmd_rebind "$@" ;;
+    drop) cmd_drop "$@" ;;
+    check) cmd_check "$@" && say "all tools present" ;;
+    demo) cmd_demo "$@" ;;
+    *) usage >&2; die "unknown command '$cmd'" ;;
+  esac
+}
+main "$@"
