@@ -24,7 +24,7 @@ from enum import Enum
 from rendezvous.classic import REPLY_LEN, ClassicError, Endpoint, Request, decode_reply
 
 __all__ = [
-    "Apply", "DeviceView", "PeerState", "PeerView", "Punch", "Send", "Status", "Timing",
+    "Apply", "DeviceView", "Keepalive", "PeerState", "PeerView", "Punch", "Send", "Status", "Timing",
 ]
 
 
@@ -71,6 +71,17 @@ class Apply:
     endpoint: Endpoint
     keepalive: int
     reason: str
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Turn PEER's persistent keepalive on (its endpoint is kept as it is)."""
+
+    peer: bytes
+    keepalive: int
+
+
+Action = Apply | Keepalive
 
 
 class Status(Enum):
@@ -150,7 +161,7 @@ class Punch:
             if self._inflight and self._inflight.peer == gone:
                 self._inflight = None
 
-    def on_reply(self, now: float, payload: bytes) -> list[Apply]:
+    def on_reply(self, now: float, payload: bytes) -> list[Action]:
         """A datagram from the server (already checked to come from it, to our port)."""
         if len(payload) not in (0, REPLY_LEN):
             self.counters.malformed += 1
@@ -182,6 +193,9 @@ class Punch:
         if action is None:
             if st.status is not Status.APPLIED:
                 st.status = Status.KEPT
+            if st.view is not None and st.view.keepalive == 0:
+                # A kept endpoint still needs keepalives to hold the NATs open.
+                return [Keepalive(st.key, self.timing.keepalive)]
             return []
         st.status = Status.APPLIED
         st.applied, st.applied_at = answer, now

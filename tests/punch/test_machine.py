@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rendezvous.classic import Endpoint
-from punch.machine import Apply, DeviceView, PeerView, Punch, Send, Status, Timing
+from punch.machine import Apply, DeviceView, Keepalive, PeerView, Punch, Send, Status, Timing
 
 ME = b"M" * 32
 P1, P2 = b"1" * 32, b"2" * 32
@@ -103,17 +103,26 @@ def test_working_roamed_endpoint_is_kept():
     m = Punch(T)
     m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=3.0, rx_bytes=10)))
     only_send(m.poll(0.0))
-    assert m.on_reply(0.1, E1.packed()) == []
+    assert m.on_reply(0.1, E1.packed()) == [Keepalive(P1, 25)]  # kept, but keepalive was off
     assert m.peers[P1].status is Status.KEPT and m.done()
+
+
+def test_kept_endpoint_with_keepalive_on_is_left_alone():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=3.0, keepalive=15)))
+    only_send(m.poll(0.0))
+    assert m.on_reply(0.1, E1.packed()) == []
 
 
 def test_stale_handshake_but_alive_is_kept_until_it_looks_dead():
     m = Punch(T, daemon=True)
-    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=100.0, rx_bytes=10)))
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=100.0, rx_bytes=10,
+                                      keepalive=25)))
     only_send(m.poll(0.0))
     assert m.on_reply(0.1, E1.packed()) == []
     # rx stays flat for longer than keepalive + margin: the peer looks dead
-    m.update_device(31.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=131.0, rx_bytes=10)))
+    m.update_device(31.0, dev(PeerView(P1, ("10.0.0.5", 51820), handshake_age=131.0, rx_bytes=10,
+                                       keepalive=25)))
     only_send(m.poll(31.0))  # polled at once, not at the 20 s interval
     [a] = m.on_reply(31.1, E1.packed())
     assert a.reason == "peer looks dead" and a.endpoint == E1
@@ -132,7 +141,8 @@ def test_daemon_follows_a_nat_rebind():
     m.update_device(0.0, dev(PeerView(P1)))
     only_send(m.poll(0.0))
     m.on_reply(0.1, E1.packed())
-    m.update_device(1.0, dev(PeerView(P1, (E1.ip, E1.port), handshake_age=0.5, rx_bytes=100)))
+    m.update_device(1.0, dev(PeerView(P1, (E1.ip, E1.port), handshake_age=0.5, rx_bytes=100,
+                                      keepalive=25)))
     assert m.next_wakeup() == 20.1  # re-register and re-ask at the interval
     assert m.poll(10.0) == []
     only_send(m.poll(20.1))

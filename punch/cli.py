@@ -1,0 +1,123 @@
+"""Command line of wg-punch."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import logging
+import sys
+from collections.abc import Sequence
+
+from .errors import PunchError
+from .machine import Timing
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("wg-punch")
+
+DESCRIPTION = """\
+Find your WireGuard peers behind NATs through a rendezvous server, and point the
+interface at them directly.
+
+wg-punch asks the server (wg-rendezvous, or the example server from wireguard-tools)
+for each peer's public address and port. It sends its requests from WireGuard's own
+listen port through a raw socket, so the server sees the public mapping WireGuard's
+traffic uses, and tells it to the peers. Each endpoint found is set on the interface
+with a persistent keepalive, which keeps the NAT mappings open. Needs root
+(CAP_NET_RAW and CAP_NET_ADMIN). Works with kernel WireGuard and with wireguard-go.
+"""
+
+EPILOG = """\
+examples:
+  wg-punch demo.example.net wg0            one pass over every peer of wg0
+  wg-punch --wait 203.0.113.7:49918 wg0    ... and wait for each peer's handshake
+  wg-punch --daemon rendezvous.example wg0 keep endpoints fresh when NATs rebind
+
+exit status:
+  0 every endpoint applied (and, with --wait, every handshake seen)
+  1 other error           2 bad arguments             3 not permitted (run as root)
+  4 interface problem     5 server name unresolvable  6 server silent
+  7 peer(s) unknown to the server                      8 no handshake (--wait)
+"""
+
+
+def _key(text: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise argparse.ArgumentTypeError(f"not a WireGuard public key (base64 of 32 bytes): {text!r}")
+    return raw
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _keepalive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"keepalive must be 1..65535 seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wg-punch", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("server", metavar="SERVER[:PORT]",
+                   help="the rendezvous server (IPv4 address or name; port 49918 by default)")
+    p.add_argument("interface", metavar="INTERFACE", help="the WireGuard interface, e.g. wg0")
+    p.add_argument("--daemon", action="store_true",
+                   help="keep running: re-register every --interval, pick up added and "
+                        "removed peers, follow peers whose NAT rebinds")
+    p.add_argument("--wait", action="store_true",
+                   help="one-shot: also wait for a handshake with each peer")
+    p.add_argument("--timeout", type=_positive, default=60.0, metavar="S",
+                   help="one-shot: give up after S seconds (default 60)")
+    p.add_argument("--keepalive", type=_keepalive, default=25, metavar="S",
+                   help="persistent keepalive set with each endpoint (default 25)")
+    p.add_argument("--interval", type=_positive, default=20.0, metavar="S",
+                   help="daemon: re-register and re-ask every S seconds (default 20, below "
+                        "the ~30 s UDP timeout of many NATs)")
+    p.add_argument("--poll", type=_positive, default=1.0, metavar="S",
+                   help="how often to ask again for a peer the server does not know yet "
+                        "(default 1)")
+    p.add_argument("--peer", type=_key, action="append", metavar="KEY",
+                   help="only this peer (base64 public key); repeat for several")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from .client import Options, run
+
+    timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)
+    opts = Options(server=args.server, interface=args.interface, timeout=args.timeout,
+                   wait=args.wait, daemon=args.daemon,
+                   peers=frozenset(args.peer) if args.peer else None, timing=timing)
+    try:
+        result = run(opts)
+    except PunchError as e:
+        print(f"wg-punch: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0
+    if result.message and result.code:
+        print(f"wg-punch: {result.message}", file=sys.stderr)
+    elif result.code == 0 and not args.daemon:
+        log.info("done: every endpoint is set")
+    return result.code

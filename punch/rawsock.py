@@ -1,0 +1,124 @@
+"""The raw socket that speaks to the rendezvous server from WireGuard's port.
+
+WireGuard owns the UDP socket on its listen port, so we cannot bind it. Instead an
+AF_INET/SOCK_RAW/IPPROTO_UDP socket sends datagrams whose UDP header (ours) carries
+WireGuard's port as the source: the request then leaves through the very NAT mapping
+WireGuard's own traffic uses, and the server sees WireGuard's public endpoint.
+
+The same socket receives every UDP packet that reaches the host, tunnel traffic
+included, so a classic BPF filter lets only the server's replies to WireGuard's port
+through; packets queued before the filter was attached are drained, and every packet
+is checked again in Python before it is believed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Iterator
+
+from bpf.attach import attach_filter, detach_filter, drain
+from bpf.programs import ipv4_reply_filter, looks_like_ipv4_reply
+
+from .errors import NotPermitted, PunchError
+from .udp import UdpError, build_udp, parse_ipv4_udp
+
+__all__ = ["RawChannel", "source_address_for"]
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 64  # the filter accepts replies up to this size; classic replies are 6
+
+
+def source_address_for(dst: tuple[str, int]) -> str:
+    """The local address the kernel picks to reach DST (a routing lookup, no traffic)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(dst)
+        return str(probe.getsockname()[0])
+    except OSError as e:
+        raise PunchError(f"no route to {dst[0]}: {e.strerror}") from None
+    finally:
+        probe.close()
+
+
+class RawChannel:
+    """Send from WireGuard's port to the server (and to peers); receive the server's replies."""
+
+    def __init__(self, server: tuple[str, int], wg_port: int) -> None:
+        self.server = server
+        self.wg_port = wg_port
+        self.ignored = 0
+        self._src_cache: dict[str, tuple[str, float]] = {}
+        try:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+        except PermissionError:
+            raise NotPermitted("opening a raw socket needs root (CAP_NET_RAW)") from None
+        try:
+            attach_filter(self.sock, ipv4_reply_filter(server[0], server[1], wg_port))
+            drained = drain(self.sock)
+            if drained:
+                log.debug("drained %d packets queued before the filter", drained)
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _source_for(self, dst_ip: str, now: float) -> str:
+        cached = self._src_cache.get(dst_ip)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        src = source_address_for((dst_ip, 9))
+        self._src_cache[dst_ip] = (src, now + 5.0)
+        return src
+
+    def send(self, dst: tuple[str, int], payload: bytes) -> bool:
+        """Send PAYLOAD to DST from WireGuard's port; False if the kernel refused it now."""
+        src = self._source_for(dst[0], time.monotonic())
+        datagram = build_udp(src, dst[0], self.wg_port, dst[1], payload)
+        try:
+            self.sock.sendto(datagram, (dst[0], 0))
+            return True
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                           errno.EPERM, errno.ECONNREFUSED):
+                log.debug("send to %s:%d failed: %s", dst[0], dst[1], e.strerror)
+                self._src_cache.pop(dst[0], None)
+                return False
+            raise
+
+    def send_to_server(self, payload: bytes) -> bool:
+        return self.send(self.server, payload)
+
+    def poke(self, dst: tuple[str, int]) -> bool:
+        """An empty datagram toward a peer: opens our NAT for its answer; WireGuard drops it."""
+        return self.send(dst, b"")
+
+    def replies(self) -> Iterator[bytes]:
+        """The payloads of the server's replies waiting on the socket (non-blocking)."""
+        server_ip, server_port = self.server
+        while True:
+            try:
+                packet = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not looks_like_ipv4_reply(packet, server_ip, server_port, self.wg_port):
+                self.ignored += 1
+                continue
+            try:
+                yield parse_ipv4_udp(packet).payload
+            except UdpError as e:
+                self.ignored += 1
+                log.debug("ignored a packet: %s", e)
+
+    def close(self) -> None:
+        try:
+            detach_filter(self.sock)
+        except OSError:
+            pass
+        self.sock.close()

@@ -1,0 +1,166 @@
+"""The real wg-punch process against real wireguard-go and a real server, in a namespace.
+
+Two WireGuard devices in one namespace, each with the other as a peer and no endpoint,
+and wg-rendezvous on the namespace's loopback: after wg-punch ran for both, each has
+the other's endpoint and they complete a handshake. No NAT here (the lab tests that).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.nstools import Netns, py_env, unique_ifname
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_wireguard_go")]
+
+
+def keypair(ns: Netns) -> tuple[str, str]:
+    priv = ns.run(["wg", "genkey"]).stdout.strip()
+    pub = ns.run(["wg", "pubkey"], input=priv).stdout.strip()
+    return priv, pub
+
+
+class Pair:
+    """Alice and Bob: two wireguard-go devices in NS, peers of each other, no endpoints."""
+
+    def __init__(self, ns: Netns, ports=(51820, 51821)) -> None:
+        self.ns = ns
+        self.ifs = [unique_ifname("wpa"), unique_ifname("wpb")]
+        self.keys = [keypair(ns), keypair(ns)]
+        self.ports = ports
+        for i, ifn in enumerate(self.ifs):
+            ns.start_wireguard_go(ifn)
+            priv, _ = self.keys[i]
+            _, peer_pub = self.keys[1 - i]
+            ns.run(["wg", "set", ifn, "listen-port", str(ports[i]), "private-key", "/dev/stdin",
+                    "peer", peer_pub, "allowed-ips", f"10.77.0.{2 - i}/32"], input=priv)
+            ns.run(["ip", "addr", "add", f"10.77.0.{i + 1}/24", "dev", ifn])
+
+    def dump(self, i: int) -> list[list[str]]:
+        out = self.ns.run(["wg", "show", self.ifs[i], "dump"]).stdout.strip().splitlines()
+        return [line.split("\t") for line in out[1:]]
+
+
+@pytest.fixture
+def ns():
+    with Netns("cl") as n:
+        yield n
+
+
+def start_server(ns: Netns, *args: str) -> int:
+    p = ns.python(["-m", "rendezvous", "--listen", "127.0.0.1", "--port", "0", "--rate", "0", *args],
+                  text=True)
+    for line in p.stderr:
+        m = re.search(r"listening on [\d.]+:(\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise AssertionError("server did not start")
+
+
+def punch(ns: Netns, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return ns.run([sys.executable, "-m", "punch", *args], check=False, timeout=timeout)
+
+
+def test_two_peers_find_each_other_and_handshake(ns):
+    pair = Pair(ns)
+    port = start_server(ns)
+    server = f"127.0.0.1:{port}"
+    a = ns.popen([sys.executable, "-m", "punch", "--wait", "--timeout", "20", server, pair.ifs[0]])
+    time.sleep(0.3)
+    b = punch(ns, "--wait", "--timeout", "20", server, pair.ifs[1])
+    assert b.returncode == 0, b.stderr
+    assert a.wait(25) == 0
+    a_err = a.stderr.read().decode()
+    peer_of_a, peer_of_b = pair.dump(0)[0], pair.dump(1)[0]
+    assert peer_of_a[2] == "127.0.0.1:51821" and peer_of_b[2] == "127.0.0.1:51820"
+    assert peer_of_a[7] == "25" and peer_of_b[7] == "25", (a_err, b.stderr)  # persistent keepalive
+    assert int(peer_of_a[4]) > 0 and int(peer_of_b[4]) > 0  # latest handshake
+    assert "endpoint 127.0.0.1:51820 (no endpoint)" in b.stderr
+
+
+def test_unknown_peer_exits_7_and_names_it(ns):
+    pair = Pair(ns)
+    port = start_server(ns)
+    r = punch(ns, "--timeout", "2", f"127.0.0.1:{port}", pair.ifs[0])
+    assert r.returncode == 7, r.stderr
+    short = pair.keys[1][1][:8]
+    assert f"the server does not know peer(s) {short}…" in r.stderr
+
+
+def test_silent_server_exits_6(ns):
+    pair = Pair(ns)
+    r = punch(ns, "--timeout", "2", "127.0.0.1:9", pair.ifs[0])
+    assert r.returncode == 6
+    assert "no reply from the server 127.0.0.1:9 within 2s" in r.stderr.splitlines()[-1]
+
+
+def test_no_handshake_with_wait_exits_8(ns):
+    """The server reports an endpoint where nobody answers: --wait says so and why."""
+    pair = Pair(ns)
+    port = start_server(ns)
+    # Register Bob's key from a port where no WireGuard listens.
+    ns.run([sys.executable, "-c", f"""
+import socket, base64
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 40404))
+k = base64.b64decode("{pair.keys[1][1]}")
+s.sendto(k + k, ("127.0.0.1", {port})); s.settimeout(2); s.recv(64)
+"""])
+    r = punch(ns, "--wait", "--timeout", "4", f"127.0.0.1:{port}", pair.ifs[0])
+    assert r.returncode == 8, r.stderr
+    assert "no handshake with" in r.stderr and "127.0.0.1:40404" in r.stderr
+    assert "symmetric" in r.stderr
+
+
+def test_peer_option_limits_the_set(ns):
+    pair = Pair(ns)
+    port = start_server(ns)
+    other = base64.b64encode(bytes(range(32))).decode()
+    r = punch(ns, "--timeout", "2", "--peer", other, f"127.0.0.1:{port}", pair.ifs[0])
+    assert r.returncode == 4 and "has no peer" in r.stderr
+
+
+def test_missing_interface_exits_4(ns):
+    r = punch(ns, "127.0.0.1", "wgnothere0")
+    assert r.returncode == 4
+    assert r.stderr.strip() == "wg-punch: interface wgnothere0 does not exist"
+
+
+def test_interface_without_peers_exits_4(ns):
+    ifn = unique_ifname("wpe")
+    ns.start_wireguard_go(ifn)
+    priv, _ = keypair(ns)
+    ns.run(["wg", "set", ifn, "listen-port", "51830", "private-key", "/dev/stdin"], input=priv)
+    r = punch(ns, "127.0.0.1", ifn)
+    assert r.returncode == 4 and r.stderr.strip() == f"wg-punch: {ifn} has no peers"
+
+
+def test_without_cap_net_raw_exits_3(ns):
+    pair = Pair(ns)
+    r = ns.run(["setpriv", "--bounding-set=-net_raw", sys.executable, "-m", "punch",
+                "127.0.0.1", pair.ifs[0]], check=False)
+    assert r.returncode == 3
+    assert r.stderr.strip() == "wg-punch: opening a raw socket needs root (CAP_NET_RAW)"
+
+
+def test_unresolvable_server_exits_5():
+    r = subprocess.run([sys.executable, "-m", "punch", "no-such-host.invalid", "wg0"],
+                       capture_output=True, text=True, timeout=30, env=py_env())
+    assert r.returncode == 5 and "cannot resolve server 'no-such-host.invalid'" in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--peer", "abc", "s", "wg0"], "not a WireGuard public key"),
+    (["--timeout", "0", "s", "wg0"], "must be a positive number"),
+    (["--keepalive", "0", "s", "wg0"], "keepalive must be 1..65535"),
+    (["s"], "the following arguments are required"),
+])
+def test_bad_arguments_exit_2(args, msg):
+    r = subprocess.run([sys.executable, "-m", "punch", *args], capture_output=True, text=True, env=py_env(),
+                       timeout=30)
+    assert r.returncode == 2 and msg in r.stderr
