@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -164,3 +165,32 @@ def test_bad_arguments_exit_2(args, msg):
     r = subprocess.run([sys.executable, "-m", "punch", *args], capture_output=True, text=True, env=py_env(),
                        timeout=30)
     assert r.returncode == 2 and msg in r.stderr
+
+
+def test_daemon_picks_up_a_new_peer_and_stops_cleanly(ns):
+    pair = Pair(ns)
+    port = start_server(ns)
+    server = f"127.0.0.1:{port}"
+    # Bob registers once; Alice's daemon starts with no peers but Bob... then Bob is added.
+    c = ns.run([sys.executable, "-m", "punch", "--timeout", "5", server, pair.ifs[1]], check=False)
+    assert c.returncode == 7  # Alice unknown yet; Bob is registered now
+    bob_pub = pair.keys[1][1]
+    carol_priv, carol_pub = keypair(ns)
+    ns.run(["wg", "set", pair.ifs[0], "peer", bob_pub, "remove", "peer", carol_pub,
+            "allowed-ips", "10.77.0.9/32"])
+    d = ns.popen([sys.executable, "-m", "punch", "--daemon", "--interval", "2", server,
+                  pair.ifs[0]])
+    time.sleep(1.5)
+    ns.run(["wg", "set", pair.ifs[0], "peer", bob_pub, "allowed-ips", "10.77.0.2/32"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        peers = {row[0]: row for row in pair.dump(0)}
+        if peers.get(bob_pub, [""] * 3)[2] == "127.0.0.1:51821":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the daemon did not pick up the new peer: {pair.dump(0)}")
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+    log = d.stderr.read().decode()
+    assert "(daemon)" in log and "endpoint 127.0.0.1:51821" in log
