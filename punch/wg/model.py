@@ -60,7 +60,10 @@ def check_key(key: bytes, what: str = "public key") -> bytes:
     return bytes(key)
 
 
-def check_endpoint(endpoint: tuple[str, int]) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def check_endpoint(endpoint: tuple[str, int]) -> tuple[IPAddress, int]:
     """Validate an ``(ip, port)`` endpoint; return the parsed address and the port."""
     try:
         host, port = endpoint

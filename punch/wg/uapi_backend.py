@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 from .backend import Backend
-from .errors import BackendTimeout, BackendUnavailable, DeviceNotFound, PermissionDenied, ProtocolError
+from .errors import (
+    BackendTimeout,
+    BackendUnavailable,
+    DeviceNotFound,
+    PermissionDenied,
+    ProtocolError,
+)
 from .model import Device
 from .uapi import ReplyParser, encode_get, encode_set_peer
 

@@ -155,7 +155,8 @@ def test_against_wireguard_go(needs_wireguard_go: None, netns: Netns, tmp_path: 
     (tmp_path / "key").write_text(priv + "\n")
     (_, peer1), (_, peer2) = genkey(), genkey()
     netns.run(["wg", "set", ifname, "private-key", str(tmp_path / "key"), "listen-port", "51820",
-               "peer", peer1, "endpoint", "192.0.2.1:1234", "allowed-ips", "10.0.0.2/32,fd00::2/128",
+               "peer", peer1, "endpoint", "192.0.2.1:1234",
+               "allowed-ips", "10.0.0.2/32,fd00::2/128",
                "peer", peer2, "allowed-ips", "10.0.0.3/32"])
     with netns.entered():
         assert link_exists(ifname)
