@@ -4,11 +4,14 @@ booted by tests/test_kernel_vm.py), and skip harmlessly everywhere else."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.kernel.wgpair import HAVE_KERNEL_WG, WgPair, make_pair
 from tests.nstools import have, is_root
+
+HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -21,7 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         reason = "needs wireguard-tools (wg)"
     if reason:
         for item in items:
-            if "tests/kernel/" in item.nodeid:
+            if Path(item.path).resolve().is_relative_to(HERE):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
