@@ -1,7 +1,7 @@
 """Run tests/kernel (kernel WireGuard through the netlink backend, and whatever else lives
 there) inside ONE throwaway QEMU VM that boots the Debian kernel from /boot.
 
-The host kernel has no WireGuard; tests/kernel/vm.sh boots one that has. Python is 20-40x
+The host kernel has no WireGuard; ../shared/kernel-wg-vm.sh boots one that has. Python is 20-40x
 slower in the VM (software emulation), so everything runs in one pytest process.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-VM = REPO / "tests" / "kernel" / "vm.sh"
+VM = Path(os.environ.get("WGVM_SCRIPT", REPO.parent / "shared" / "kernel-wg-vm.sh"))
 
 
 def _kernel_with_wireguard() -> bool:
@@ -33,6 +33,8 @@ def _kernel_with_wireguard() -> bool:
 def _missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
+    if not VM.is_file():
+        return f"needs the VM runner {VM} (set WGVM_SCRIPT)"
     for tool in ("qemu-system-x86_64", "busybox", "cpio", "xz", "zstd", "modprobe", "wg"):
         if not shutil.which(tool):
             return f"needs {tool} (apt-get install qemu-system-x86 busybox-static cpio " \
