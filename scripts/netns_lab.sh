@@ -130,6 +130,8 @@ ns_exists() { [ -e "/run/netns/$1" ]; }
 # "pid starttime" pidfiles: a recycled PID is never mistaken for ours.
 starttime() { local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }
               set -- $s; echo "${20}"; }
+running() {  # a zombie counts as gone: it holds nothing, and some inits reap slowly
+  local s; s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1; s=${s##*) }; [ "${s%% *}" != Z ]; }
 record_pid() { mkdir -p "$S/pids"; echo "$2 $(starttime "$2" || echo 0)" >"$S/pids/$1.pid"; }
 live_pid() {  # live_pid NAME -> prints the PID if that process still runs
   local f=$S/pids/$1.pid pid st
@@ -291,7 +293,7 @@ make_holder() {  # a long-lived process owning HOST's private /run/wireguard
   for i in $(seq 100); do   # ready once its mount table shows our tmpfs
     awk '$5 == "/run/wireguard" && / - tmpfs wgpunch-lab / { f = 1 } END { exit !f }' \
       "/proc/$!/mountinfo" 2>/dev/null && return 0
-    kill -0 $! 2>/dev/null || break
+    running $! || break
     sleep 0.02
   done
   die "could not start the mount-namespace holder for $h"
@@ -306,7 +308,7 @@ make_wg() {  # make_wg HOST ADDR PEER_HOST PEER_ADDR
     holder=$(live_pid "holder-$h")
     for i in $(seq 250); do
       [ -S "/proc/$holder/root/run/wireguard/wg0.sock" ] && break
-      kill -0 "$SPAWNED" 2>/dev/null || die "wireguard-go on $h exited: $(tail -n5 "$S/logs/wireguard-go-$h.log")"
+      running "$SPAWNED" || die "wireguard-go on $h exited: $(tail -n5 "$S/logs/wireguard-go-$h.log")"
       sleep 0.02
     done
     [ -S "/proc/$holder/root/run/wireguard/wg0.sock" ] || die "wireguard-go on $h: no UAPI socket"
@@ -410,7 +412,7 @@ cmd_down() {
     kill -TERM "${pids[@]}" 2>/dev/null || true
     for i in $(seq 60); do
       local alive=()
-      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive+=("$pid"); done
+      for pid in "${pids[@]}"; do running "$pid" && alive+=("$pid"); done
       [ ${#alive[@]} -eq 0 ] && break
       [ "$i" = 60 ] && kill -KILL "${alive[@]}" 2>/dev/null || true
       sleep 0.05
@@ -552,7 +554,7 @@ cmd_demo() {
   local i
   for i in $(seq 250); do
     on server ss -Hlun "sport = :$RDV_PORT" | grep -q . && break
-    kill -0 "$SPAWNED" 2>/dev/null || { cat "$S/logs/server.log" >&2; die "wg-rendezvous exited"; }
+    running "$SPAWNED" || { cat "$S/logs/server.log" >&2; die "wg-rendezvous exited"; }
     sleep 0.02
   done
   say "wg-rendezvous listens on $SRV_ADDR:$RDV_PORT"

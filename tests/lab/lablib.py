@@ -1,0 +1,234 @@
+"""Drive scripts/netns_lab.sh from tests: one ``Lab`` per test, torn down even on failure.
+
+Each lab gets its own ``LAB_PREFIX`` (``wgplt<pid>-<hex>``), so its namespaces and state
+directory never collide with another test's or a user's lab. Processes a test starts on a
+lab host go through ``netns_lab.sh exec``, which replaces itself with the command, so the
+``Popen`` PID is the program itself; ``down()`` stops them by PID and then lets the script
+remove everything else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.nstools import REPO, py_env, stop
+
+__all__ = [
+    "Lab", "LabError", "SCRIPT", "STATE_ROOT", "RUN_PREFIX", "PROBE",
+    "leftovers", "new_prefix", "script_env",
+]
+
+SCRIPT = REPO / "scripts" / "netns_lab.sh"
+PROBE = str(Path(__file__).with_name("udp_probe.py"))
+STATE_ROOT = Path(os.environ.get("LAB_STATE_ROOT", "/run/wgpunch-lab"))
+RUN_PREFIX = f"wgplt{os.getpid()}-"  # every lab of this test run starts with this
+
+
+class LabError(AssertionError):
+    """The lab script failed; the message carries its output."""
+
+
+def new_prefix() -> str:
+    return RUN_PREFIX + secrets.token_hex(2)
+
+
+def script_env(prefix: str, **extra: str) -> dict[str, str]:
+    env = py_env()
+    env.update(LAB_PREFIX=prefix, PYTHON=sys.executable, **extra)
+    return env
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Namespaces and state directories whose name starts with PREFIX."""
+    found = []
+    netns = Path("/run/netns")
+    if netns.is_dir():
+        found += [f"netns {p.name}" for p in netns.iterdir() if p.name.startswith(prefix)]
+    if STATE_ROOT.is_dir():
+        found += [f"state {p}" for p in STATE_ROOT.iterdir() if p.name.startswith(prefix)]
+    return sorted(found)
+
+
+def _starttime(pid: int) -> str | None:
+    """PID's start time, or None if it is gone (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+class Lab:
+    """One lab: ``up()``, then run things on its hosts; ``down()`` always."""
+
+    def __init__(self, nat_a: str = "cone", nat_b: str = "cone", *,
+                 prefix: str | None = None, wg: str | None = None) -> None:
+        self.prefix = prefix or new_prefix()
+        self.nat_a, self.nat_b = nat_a, nat_b
+        self.extra_env = {"LAB_WG": wg} if wg else {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.info: dict[str, str] = {}
+
+    # -- the script -------------------------------------------------------------------
+
+    def script(self, *args: str, check: bool = True, timeout: float = 60,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                           timeout=timeout,
+                           env=env or script_env(self.prefix, **self.extra_env))
+        if check and r.returncode != 0:
+            raise LabError(f"netns_lab.sh {' '.join(args)} failed ({r.returncode}):\n"
+                           f"{r.stdout}{r.stderr}")
+        return r
+
+    def up(self) -> Lab:
+        self.script("up", "--nat-a", self.nat_a, "--nat-b", self.nat_b)
+        self.info = dict(line.split("=", 1) for line in self.script("info").stdout.split())
+        return self
+
+    def down(self) -> None:
+        for p in self.procs:
+            stop(p)
+        self.procs.clear()
+        self.script("down")
+
+    def pids(self) -> list[tuple[int, str]]:
+        """(pid, starttime) of the long-lived processes the script started."""
+        out = []
+        for f in (STATE_ROOT / self.prefix / "pids").glob("*.pid"):
+            pid, start = f.read_text().split()
+            out.append((int(pid), start))
+        return out
+
+    @staticmethod
+    def alive(pids: Sequence[tuple[int, str]]) -> list[int]:
+        return [pid for pid, start in pids if _starttime(pid) == start]
+
+    # -- lab hosts ----------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        return self.info["SERVER"]
+
+    @property
+    def rdv(self) -> str:
+        return f"{self.info['SERVER']}:{self.info['RDV_PORT']}"
+
+    def run(self, host: str, argv: Sequence[str], check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        r = self.script("exec", host, *argv, check=False, timeout=timeout)
+        if check and r.returncode != 0:
+            raise LabError(f"{host}: {' '.join(argv)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        return r
+
+    def popen(self, host: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(["bash", str(SCRIPT), "exec", host, *argv],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=script_env(self.prefix, **self.extra_env))
+        self.procs.append(p)
+        return p
+
+    def python(self, host: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        return self.popen(host, [sys.executable, *args])
+
+    def stop(self, p: subprocess.Popen[bytes]) -> tuple[str, str]:
+        """Stop P (TERM, then KILL) and return what it wrote."""
+        if p.poll() is None:
+            p.terminate()
+        try:
+            out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        return out.decode(errors="replace"), err.decode(errors="replace")
+
+    def wait_line(self, p: subprocess.Popen[bytes], want: str = "ready") -> None:
+        assert p.stdout is not None
+        line = p.stdout.readline().decode().strip()
+        if line != want:
+            _, err = self.stop(p)
+            raise LabError(f"expected {want!r} from {p.args}, got {line!r}: {err}")
+
+    def wait_listening(self, host: str, port: int, p: subprocess.Popen[bytes],
+                       timeout: float = 30) -> None:
+        """Wait until something on HOST listens on UDP PORT (P must still run)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.run(host, ["ss", "-Hlun", f"sport = :{port}"]).stdout.strip():
+                return
+            if p.poll() is not None:
+                break
+            time.sleep(0.05)
+        _, err = self.stop(p)
+        raise LabError(f"nothing listens on {host} UDP {port}: {err}")
+
+    # -- the programs under test --------------------------------------------------------
+
+    def start_server(self, *extra: str) -> subprocess.Popen[bytes]:
+        p = self.python("server", ["-m", "rendezvous", "--listen", self.server,
+                                   "--port", self.info["RDV_PORT"], "-v", *extra])
+        self.wait_listening("server", int(self.info["RDV_PORT"]), p)
+        return p
+
+    def punch(self, host: str, *extra: str) -> subprocess.Popen[bytes]:
+        return self.python(host, ["-m", "punch", self.rdv, "wg0", "-v", *extra])
+
+    # -- WireGuard, NAT and tunnel views ------------------------------------------------
+
+    def wg_show(self, host: str, field: str) -> list[str]:
+        """The value column of ``wg show wg0 FIELD`` (one line per peer)."""
+        out = self.run(host, ["wg", "show", "wg0", field]).stdout
+        return [line.split("\t", 1)[1] for line in out.splitlines() if "\t" in line]
+
+    def endpoint(self, host: str) -> str:
+        (ep,) = self.wg_show(host, "endpoints")
+        return ep
+
+    def handshake(self, host: str) -> int:
+        (ts,) = self.wg_show(host, "latest-handshakes")
+        return int(ts)
+
+    def wait_handshake(self, host: str, timeout: float, after: int = 0) -> bool:
+        """Poll until HOST's wg0 reports a handshake newer than AFTER (unix seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.handshake(host) > after:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def ping(self, host: str, addr: str, count: int = 3) -> bool:
+        r = self.run(host, ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2", addr],
+                     check=False)
+        return r.returncode == 0
+
+    def ping_until(self, host: str, addr: str, timeout: float) -> bool:
+        """One ping at a time until one answers or TIMEOUT passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.run(host, ["ping", "-n", "-q", "-c", "1", "-W", "1", addr],
+                        check=False).returncode == 0:
+                return True
+        return False
+
+    def drops(self, nat: str) -> int:
+        """Packets the `drop` rules on NAT ('a' or 'b') have dropped so far."""
+        out = self.run(f"nat-{nat}", ["nft", "list", "chain", "ip", "wgpunch_lab", "drops"]).stdout
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
+
+    def conntrack(self, nat: str) -> str:
+        return self.run(f"nat-{nat}", ["conntrack", "-L", "-p", "udp"]).stdout
+
+    def probe(self, host: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.python(host, [PROBE, *args])
+
+    def ask(self, host: str, src_port: int, *dsts: str) -> list[str]:
+        return self.run(host, [sys.executable, PROBE, "ask", str(src_port), *dsts]).stdout.split()

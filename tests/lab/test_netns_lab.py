@@ -1,0 +1,206 @@
+"""The lab itself (scripts/netns_lab.sh), without wgpunch: NAT behaviours, WireGuard
+through the NATs with endpoints set by hand, the rebind and drop knobs, and cleanup."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab.lablib import PROBE, SCRIPT, STATE_ROOT, Lab, LabError, leftovers, new_prefix, script_env
+
+pytestmark = pytest.mark.lab
+
+ECHO_PORTS = ("7001", "7002", "7003")
+
+
+def _echo(lab: Lab, host: str = "server", *ports: str) -> subprocess.Popen[bytes]:
+    p = lab.probe(host, "echo", *(ports or ECHO_PORTS))
+    lab.wait_line(p)
+    return p
+
+
+def test_up_builds_the_planned_lab(make_lab) -> None:
+    lab = make_lab()
+    names = {p.name for p in Path("/run/netns").iterdir() if p.name.startswith(lab.prefix + "-")}
+    assert names == {f"{lab.prefix}-{h}" for h in ("inet", "srv", "nat-a", "nat-b", "alice", "bob")}
+    assert lab.info["NAT_A"] == "cone" and lab.info["NAT_B"] == "cone"
+    for host, mine, theirs in (("alice", "ALICE", "BOB"), ("bob", "BOB", "ALICE")):
+        out = lab.run(host, ["wg", "show", "wg0", "dump"]).stdout.splitlines()
+        iface, peer = out[0].split("\t"), out[1].split("\t")
+        assert iface[2] == "51820"
+        assert peer[0] == lab.info[f"{theirs}_PUBKEY"]
+        assert peer[2] == "(none)"  # no endpoint: finding it is wg-punch's job
+        assert peer[3] == lab.info[f"{theirs}_TUN"] + "/32"
+        addrs = lab.run(host, ["ip", "-4", "-o", "addr", "show", "dev", "wg0"]).stdout
+        assert lab.info[f"{mine}_TUN"] + "/24" in addrs
+
+
+def test_hosts_have_private_wireguard_runtime_dirs(make_lab) -> None:
+    lab = make_lab()
+    if lab.info["WG_IMPL"] != "userspace":
+        pytest.skip("kernel WireGuard: no UAPI sockets")
+    a = lab.run("alice", ["ls", "/run/wireguard"]).stdout.split()
+    b = lab.run("bob", ["ls", "/run/wireguard"]).stdout.split()
+    assert a == b == ["wg0.sock"]
+    # ...and they are two different daemons
+    assert lab.run("alice", ["wg", "show", "wg0", "public-key"]).stdout.strip() == lab.info["ALICE_PUBKEY"]
+    assert lab.run("bob", ["wg", "show", "wg0", "public-key"]).stdout.strip() == lab.info["BOB_PUBKEY"]
+
+
+def test_lan_hosts_reach_the_server_but_not_each_other(make_lab) -> None:
+    lab = make_lab()
+    assert lab.ping("alice", lab.server, count=1)
+    assert lab.ping("bob", lab.server, count=1)
+    assert not lab.ping("alice", lab.info["BOB_LAN"], count=1)
+
+
+@pytest.mark.parametrize("mode", ["cone", "fullcone"])
+def test_cone_nats_keep_the_port_for_every_destination(make_lab, mode: str) -> None:
+    lab = make_lab(nat_a=mode)
+    _echo(lab)
+    seen = lab.ask("alice", 40000, *(f"{lab.server}:{p}" for p in ECHO_PORTS))
+    assert seen == [f"{lab.info['PUB_A']}:40000"] * 3
+
+
+def test_symmetric_nat_picks_a_new_port_per_destination(make_lab) -> None:
+    lab = make_lab(nat_a="symmetric")
+    _echo(lab)
+    seen = lab.ask("alice", 40000, *(f"{lab.server}:{p}" for p in ECHO_PORTS))
+    assert all(s.startswith(lab.info["PUB_A"] + ":") for s in seen), seen
+    assert len(set(seen)) > 1, f"the same public port for three destinations: {seen}"
+
+
+@pytest.mark.parametrize("mode, reached", [("fullcone", True), ("cone", False)])
+def test_only_fullcone_lets_a_stranger_in_on_a_mapped_port(make_lab, mode: str, reached: bool) -> None:
+    lab = make_lab(nat_a=mode)
+    _echo(lab)
+    # Alice maps 40000 by talking to the server; Bob, never contacted, sends to that port.
+    listener = lab.probe("alice", "listen", "40000", "3", f"{lab.server}:7001")
+    lab.wait_line(listener)
+    time.sleep(0.2)  # let "open" cross NAT A first
+    lab.ask("bob", 40001, f"{lab.info['PUB_A']}:40000")
+    out, _ = lab.stop(listener)
+    assert (f"{lab.info['PUB_B']}:40001" in out.split()) is reached, out
+
+
+def test_routers_drop_unsolicited_packets_without_a_trace(make_lab) -> None:
+    lab = make_lab()
+    assert lab.ask("bob", 51000, f"{lab.info['PUB_A']}:51820") == ["-"]
+    # No unreplied conntrack entry is left on NAT A for that stray packet (it would
+    # push Alice's next flow to Bob onto another public port).
+    assert lab.info["PUB_B"] not in lab.conntrack("a")
+
+
+def _set_endpoints_by_hand(lab: Lab, alice_sees_bob: str, bob_sees_alice: str) -> None:
+    lab.run("alice", ["wg", "set", "wg0", "peer", lab.info["BOB_PUBKEY"],
+                      "endpoint", alice_sees_bob, "persistent-keepalive", "25"])
+    lab.run("bob", ["wg", "set", "wg0", "peer", lab.info["ALICE_PUBKEY"],
+                    "endpoint", bob_sees_alice, "persistent-keepalive", "25"])
+
+
+@pytest.mark.parametrize("nat_a", ["cone", "fullcone"])
+def test_wireguard_tunnel_through_cone_nats_with_endpoints_set_by_hand(make_lab, nat_a: str) -> None:
+    lab = make_lab(nat_a=nat_a)
+    _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"])
+    assert lab.ping("bob", lab.info["ALICE_TUN"])
+
+
+def test_rebind_moves_the_host_to_a_new_public_port(make_lab) -> None:
+    lab = make_lab()
+    _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
+    assert lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"], count=1)
+
+    new = lab.script("rebind", "a").stdout.strip()
+    assert new == f"{lab.info['PUB_A']}:40001"
+    # Bob still sends to the old mapping, which NAT A has forgotten: the tunnel is down...
+    assert not lab.ping("bob", lab.info["ALICE_TUN"], count=2)
+    # ...Alice's packets now leave from the new port...
+    lab.ping("alice", lab.info["BOB_TUN"], count=1)
+    assert "dport=40001" in lab.conntrack("a")
+    # ...and it works again once Bob is told the new endpoint.
+    lab.run("bob", ["wg", "set", "wg0", "peer", lab.info["ALICE_PUBKEY"], "endpoint", new])
+    assert lab.ping_until("bob", lab.info["ALICE_TUN"], 15)
+    assert lab.script("rebind", "a").stdout.strip() == f"{lab.info['PUB_A']}:40002"
+
+
+@pytest.mark.parametrize("nat, what", [("a", "request"), ("b", "reply")])
+def test_drop_loses_exactly_the_next_n_rendezvous_packets(make_lab, nat: str, what: str) -> None:
+    lab = make_lab()
+    _echo(lab, "server", "49918")
+    host = "alice" if nat == "a" else "bob"
+    pub = lab.info["PUB_A" if nat == "a" else "PUB_B"]
+    lab.script("drop", nat, what, "2")
+    seen = lab.ask(host, 40000, *[lab.rdv] * 4)
+    assert seen == ["-", "-", f"{pub}:40000", f"{pub}:40000"]
+    assert lab.drops(nat) == 2
+    # other UDP is untouched
+    _echo(lab, "server", "7001")
+    assert lab.ask(host, 40001, f"{lab.server}:7001") == [f"{pub}:40001"]
+
+
+def test_exec_rejects_unknown_hosts(make_lab) -> None:
+    lab = make_lab()
+    r = lab.script("exec", "mallory", "true", check=False)
+    assert r.returncode != 0 and "unknown host 'mallory'" in r.stderr
+
+
+def test_up_refuses_a_bad_nat_mode_and_leaves_nothing() -> None:
+    prefix = new_prefix()
+    r = subprocess.run(["bash", str(SCRIPT), "up", "--nat-a", "carrier-grade"], capture_output=True,
+                       text=True, env=script_env(prefix), timeout=60)
+    assert r.returncode != 0 and "unknown NAT mode 'carrier-grade'" in r.stderr
+    assert leftovers(prefix) == []
+
+
+def test_a_second_up_fails_and_does_not_break_the_first(make_lab) -> None:
+    lab = make_lab()
+    with pytest.raises(LabError, match="already exists"):
+        lab.script("up")
+    assert lab.ping("alice", lab.server, count=1)
+
+
+def test_down_removes_everything_and_is_idempotent(make_lab) -> None:
+    lab = make_lab()
+    stray = lab.popen("server", ["sleep", "600"])  # started through `exec`, never stopped by us
+    lab.procs.remove(stray)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{stray.pid}/cmdline").read_bytes() != b"sleep\x00600\x00":
+        assert time.monotonic() < deadline, "the stray process did not start"
+        time.sleep(0.02)
+    pids = lab.pids()
+    assert len(Lab.alive(pids)) == len(pids) >= 2  # holders (+ wireguard-go)
+    lab.script("down")
+    assert stray.wait(10) is not None
+    assert Lab.alive(pids) == []
+    assert leftovers(lab.prefix) == []
+    assert lab.script("down").returncode == 0
+
+
+def test_down_cleans_up_a_broken_lab(make_lab) -> None:
+    lab = make_lab()
+    pids = lab.pids()
+    subprocess.run(["ip", "netns", "del", f"{lab.prefix}-inet"], check=True)
+    (STATE_ROOT / lab.prefix / "config").unlink()
+    lab.script("down")
+    assert Lab.alive(pids) == []
+    assert leftovers(lab.prefix) == []
+
+
+def test_help_teaches() -> None:
+    r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0
+    for word in ("demo", "up", "down", "exec", "status", "rebind", "drop", "fullcone", "symmetric",
+                 "LAB_PREFIX"):
+        assert word in r.stdout
+
+
+def test_probe_usage_is_documented() -> None:
+    r = subprocess.run([sys.executable, PROBE, "nonsense"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "echo PORT" in r.stderr
