@@ -5,7 +5,7 @@ programs ``SO_ATTACH_FILTER`` would refuse with EINVAL (net/core/filter.c,
 The kernel refuses a program when
 
 - it is empty or longer than 4096 instructions;
-- an opcode is not one of the 53 Linux implements (``ret x`` and ``ldxb [k]`` exist
+- an opcode is not one of the 49 Linux implements (``ret x`` and ``ldxb [k]`` exist
   in libpcap's vocabulary but not in the kernel's);
 - ``div #0`` or ``mod #0`` (a constant divisor of zero), or ``lsh``/``rsh`` by a
   constant of 32 or more;
@@ -82,7 +82,7 @@ _STORE = frozenset({Class.ST, Class.STX})
 def _describe(insn: Insn) -> str:
     from .disasm import format_insn
 
-    return format_insn(insn, 0)[6:].rstrip()
+    return " ".join(format_insn(insn, 0)[6:].split())
 
 
 def validate(program: Sequence[Insn]) -> None:
