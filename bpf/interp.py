@@ -12,10 +12,14 @@ program (net/core/filter.c), not libpcap's ``bpf_filter``; the two differ on shi
   (-0x100000 + n) it reads byte n of the network header. Where the socket's data
   begins after that header (an AF_INET6 raw socket's data starts at the transport
   header), pass the bytes from the network header up to the data as ``net_prefix``;
-  those are readable through ``SKF_NET_OFF`` only. Other negative offsets between
-  ``SKF_NET_OFF`` and 0 fall past the buffer and drop the packet, as in the kernel.
-- Link-layer (``SKF_LL_OFF``) and ancillary (``SKF_AD_OFF``) loads are not modelled:
-  :class:`BpfUnsupportedError`.
+  those are readable through ``SKF_NET_OFF`` only. At ``SKF_LL_OFF + n``
+  (-0x200000 + n) it reads byte n of the link-layer header, given as ``ll_header``
+  (without one: :class:`BpfUnsupportedError`). Reads run up to the packet's end,
+  whichever base they start from; every other offset drops the packet.
+- Ancillary loads (``ld [SKF_AD_OFF + n]``: protocol, ifindex, ...) are not
+  modelled: :class:`BpfUnsupportedError`. Only absolute loads are ancillary; an
+  indirect load or ``ldxb 4*([k]&0xf)`` that lands there simply drops, as in the
+  kernel.
 - The result is ``min(returned value, len(packet))``: a filter cannot grow a packet.
 """
 
@@ -44,6 +48,7 @@ from .validate import validate
 __all__ = ["run"]
 
 _M32 = 0xFFFFFFFF
+_ANC_BASE = SKF_AD_OFF & _M32
 _WIDTH = {Size.W: 4, Size.H: 2, Size.B: 1}
 
 
@@ -56,45 +61,46 @@ def _s32(v: int) -> int:
     return v - (1 << 32) if v & 0x80000000 else v
 
 
-def _load(packet: bytes, net_prefix: bytes, offset: int, width: int) -> int:
+def _load(packet: bytes, net_prefix: bytes, ll_header: bytes | None, offset: int,
+          width: int) -> int:
     """Big-endian ``width`` bytes at signed ``offset``, with the kernel's rules."""
     if offset >= 0:
-        if offset + width > len(packet):
-            raise _Drop
-        return int.from_bytes(packet[offset:offset + width], "big")
-    if offset >= SKF_AD_OFF:
-        raise BpfUnsupportedError(f"ancillary load at SKF_AD_OFF+{offset - SKF_AD_OFF}")
-    if offset >= SKF_NET_OFF:
-        at = offset - SKF_NET_OFF
-        buf = net_prefix + packet
-        if at + width > len(buf):
-            raise _Drop
-        return int.from_bytes(buf[at:at + width], "big")
-    if offset >= SKF_LL_OFF:
-        raise BpfUnsupportedError(
-            f"link-layer load at SKF_LL_OFF+{offset - SKF_LL_OFF} is not modelled")
-    raise _Drop
+        buf, at = packet, offset
+    elif offset >= SKF_NET_OFF:
+        buf, at = net_prefix + packet, offset - SKF_NET_OFF
+    elif offset >= SKF_LL_OFF:
+        if ll_header is None:
+            raise BpfUnsupportedError(
+                f"link-layer load at SKF_LL_OFF+{offset - SKF_LL_OFF}: no ll_header given")
+        buf, at = ll_header + net_prefix + packet, offset - SKF_LL_OFF
+    else:
+        raise _Drop
+    if at + width > len(buf):
+        raise _Drop
+    return int.from_bytes(buf[at:at + width], "big")
 
 
 def run(program: Sequence[Insn], packet: bytes, *, net_prefix: bytes = b"",
-        check: bool = True) -> int:
+        ll_header: bytes | None = None, check: bool = True) -> int:
     """Run ``program`` on ``packet``; the number of bytes the socket keeps (0: drop).
 
     ``packet`` is what the filter sees at offset 0 (and what recv() would return);
-    ``net_prefix`` the bytes from the network header up to it (see module doc).
+    ``net_prefix`` the bytes from the network header up to it, ``ll_header`` the
+    link-layer header in front of the network header (see module doc).
     The program is validated first unless ``check`` is false; an invalid program
     raises :class:`~bpf.errors.BpfValidationError`.
     """
     if check:
         validate(program)
     try:
-        result = _execute(program, packet, net_prefix)
+        result = _execute(program, packet, net_prefix, ll_header)
     except _Drop:
         return 0
     return min(result, len(packet))
 
 
-def _execute(program: Sequence[Insn], packet: bytes, net_prefix: bytes) -> int:
+def _execute(program: Sequence[Insn], packet: bytes, net_prefix: bytes,
+             ll_header: bytes | None) -> int:
     a = x = 0
     mem = [0] * BPF_MEMWORDS
     pc = 0
@@ -106,9 +112,12 @@ def _execute(program: Sequence[Insn], packet: bytes, net_prefix: bytes) -> int:
         if cls == Class.LD:
             mode = code & 0xE0
             if mode == Mode.ABS:
-                a = _load(packet, net_prefix, _s32(k), _WIDTH[Size(code & 0x18)])
+                if k >= _ANC_BASE:
+                    raise BpfUnsupportedError(f"ancillary load at SKF_AD_OFF+{k - _ANC_BASE}")
+                a = _load(packet, net_prefix, ll_header, _s32(k), _WIDTH[Size(code & 0x18)])
             elif mode == Mode.IND:
-                a = _load(packet, net_prefix, _s32(x + k), _WIDTH[Size(code & 0x18)])
+                a = _load(packet, net_prefix, ll_header, _s32(x + k),
+                          _WIDTH[Size(code & 0x18)])
             elif mode == Mode.LEN:
                 a = len(packet)
             elif mode == Mode.IMM:
@@ -118,7 +127,7 @@ def _execute(program: Sequence[Insn], packet: bytes, net_prefix: bytes) -> int:
         elif cls == Class.LDX:
             mode = code & 0xE0
             if mode == Mode.MSH:
-                x = (_load(packet, net_prefix, _s32(k), 1) & 0xF) << 2
+                x = (_load(packet, net_prefix, ll_header, _s32(k), 1) & 0xF) << 2
             elif mode == Mode.LEN:
                 x = len(packet)
             elif mode == Mode.IMM:
