@@ -66,6 +66,7 @@ _ffi.cdef("""
     int setsockopt(int sockfd, int level, int optname, const void *optval,
                    uint32_t optlen);
     int getsockopt(int sockfd, int level, int optname, void *optval, uint32_t *optlen);
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags);
 """)
 _libc: Any = None
 
@@ -160,18 +161,26 @@ def get_filter(sock: socket.socket | int) -> Program:
     return decode(bytes(_ffi.buffer(buf, optlen[0] * _ffi.sizeof("struct sock_filter"))))
 
 
-def drain(sock: socket.socket) -> int:
+def drain(sock: socket.socket | int) -> int:
     """Discard every datagram already queued on ``sock``; how many there were.
 
-    Never blocks, whatever the socket's timeout.
+    Never blocks, whatever the socket's blocking mode or timeout (Python's own
+    recv() waits for the timeout before trying, even with MSG_DONTWAIT, so this
+    calls recv(2) directly).
     """
+    fd = _fd(sock)
+    buf = _ffi.new("char[1]")
     count = 0
     while True:
-        try:
-            sock.recv(1, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        if _lib().recv(fd, buf, 1, socket.MSG_DONTWAIT) >= 0:
+            count += 1
+            continue
+        err = _ffi.errno
+        if err == errno_mod.EINTR:
+            continue
+        if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):
             break
-        count += 1
+        raise _fail("recv", fd)
     if count:
         log.debug("drained %d datagram(s) queued before the filter", count)
     return count
