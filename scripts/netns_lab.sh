@@ -84,6 +84,8 @@ Environment:
                 from this checkout ($REPO) via PYTHONPATH, without installing
   LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
 
+Timing many runs: scripts/lab_bench.py -n 10 (a table of time-to-tunnel per NAT pair).
+
 Examples:
   sudo scripts/netns_lab.sh demo
   sudo scripts/netns_lab.sh demo --nat-a symmetric        # watch it fail, and say why
@@ -194,7 +196,7 @@ cmd_check() {
   [ "$(command -v "$PYTHON" 2>/dev/null)" = /usr/bin/python3 ] && py_system=1
   if ! command -v "$PYTHON" >/dev/null; then
     pkgs+=(python3 python3-pyroute2 python3-cffi)
-  else
+  elif ! "$PYTHON" -c "import pyroute2, cffi" 2>/dev/null; then   # one start when all is well
     for t in pyroute2 cffi; do
       if ! "$PYTHON" -c "import $t" 2>/dev/null; then
         if [ $py_system = 1 ]; then pkgs+=("python3-$t"); else pips+=("$t"); fi

@@ -126,7 +126,8 @@ class Lab:
             timeout: float = 30) -> subprocess.CompletedProcess[str]:
         r = self.script("exec", host, *argv, check=False, timeout=timeout)
         if check and r.returncode != 0:
-            raise LabError(f"{host}: {' '.join(argv)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+            raise LabError(f"{host}: {' '.join(argv)} failed ({r.returncode}):\n"
+                           f"{r.stdout}{r.stderr}")
         return r
 
     def popen(self, host: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:

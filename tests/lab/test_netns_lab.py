@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.lablib import PROBE, SCRIPT, STATE_ROOT, Lab, LabError, leftovers, new_prefix, script_env
+from tests.lab.lablib import (
+    PROBE, SCRIPT, STATE_ROOT, Lab, LabError, leftovers, new_prefix, script_env,
+)
+from tests.nstools import Netns
 
 pytestmark = pytest.mark.lab
 
@@ -47,8 +50,8 @@ def test_hosts_have_private_wireguard_runtime_dirs(make_lab) -> None:
     b = lab.run("bob", ["ls", "/run/wireguard"]).stdout.split()
     assert a == b == ["wg0.sock"]
     # ...and they are two different daemons
-    assert lab.run("alice", ["wg", "show", "wg0", "public-key"]).stdout.strip() == lab.info["ALICE_PUBKEY"]
-    assert lab.run("bob", ["wg", "show", "wg0", "public-key"]).stdout.strip() == lab.info["BOB_PUBKEY"]
+    for host, key in (("alice", "ALICE_PUBKEY"), ("bob", "BOB_PUBKEY")):
+        assert lab.run(host, ["wg", "show", "wg0", "public-key"]).stdout.strip() == lab.info[key]
 
 
 def test_lan_hosts_reach_the_server_but_not_each_other(make_lab) -> None:
@@ -75,7 +78,8 @@ def test_symmetric_nat_picks_a_new_port_per_destination(make_lab) -> None:
 
 
 @pytest.mark.parametrize("mode, reached", [("fullcone", True), ("cone", False)])
-def test_only_fullcone_lets_a_stranger_in_on_a_mapped_port(make_lab, mode: str, reached: bool) -> None:
+def test_only_fullcone_lets_a_stranger_in_on_a_mapped_port(make_lab, mode: str,
+                                                            reached: bool) -> None:
     lab = make_lab(nat_a=mode)
     _echo(lab)
     # Alice maps 40000 by talking to the server; Bob, never contacted, sends to that port.
@@ -103,7 +107,8 @@ def _set_endpoints_by_hand(lab: Lab, alice_sees_bob: str, bob_sees_alice: str) -
 
 
 @pytest.mark.parametrize("nat_a", ["cone", "fullcone"])
-def test_wireguard_tunnel_through_cone_nats_with_endpoints_set_by_hand(make_lab, nat_a: str) -> None:
+def test_wireguard_tunnel_through_cone_nats_with_endpoints_set_by_hand(make_lab,
+                                                                        nat_a: str) -> None:
     lab = make_lab(nat_a=nat_a)
     _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
     assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
@@ -202,5 +207,27 @@ def test_help_teaches() -> None:
 
 
 def test_probe_usage_is_documented() -> None:
-    r = subprocess.run([sys.executable, PROBE, "nonsense"], capture_output=True, text=True, timeout=10)
+    r = subprocess.run([sys.executable, PROBE, "nonsense"], capture_output=True, text=True,
+                       timeout=10)
     assert r.returncode == 2 and "echo PORT" in r.stderr
+
+
+def _kernel_wireguard_works() -> bool:
+    with Netns("kwg") as ns:
+        r = ns.run(["ip", "link", "add", "wgprobe", "type", "wireguard"], check=False)
+        return r.returncode == 0
+
+
+def test_auto_picks_kernel_wireguard_exactly_when_it_works(make_lab) -> None:
+    lab = make_lab()
+    assert lab.info["WG_IMPL"] == ("kernel" if _kernel_wireguard_works() else "userspace")
+
+
+def test_forcing_kernel_wireguard_without_it_fails_cleanly() -> None:
+    if _kernel_wireguard_works():
+        pytest.skip("kernel WireGuard works here")
+    prefix = new_prefix()
+    r = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, timeout=60,
+                       env=script_env(prefix, LAB_WG="kernel"))
+    assert r.returncode != 0 and "LAB_WG=kernel" in r.stderr
+    assert leftovers(prefix) == []

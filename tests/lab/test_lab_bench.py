@@ -1,0 +1,45 @@
+"""The pure parts of scripts/lab_bench.py: reading the demo's RESULT line and the table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from tests.nstools import REPO
+
+_spec = importlib.util.spec_from_file_location("lab_bench", REPO / "scripts" / "lab_bench.py")
+assert _spec and _spec.loader
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["lab_bench"] = bench  # dataclasses look their module up here
+_spec.loader.exec_module(bench)
+
+
+def test_parse_result_reads_the_demo_summary_line() -> None:
+    out = ("ping through the tunnel works both ways\n"
+           "RESULT nat_a=cone nat_b=cone wg=userspace ok=1 ttt_ms=812 punch_alice=0 punch_bob=0\n")
+    assert bench.parse_result(out) == bench.Run(ok=True, ttt_ms=812, wg="userspace")
+
+
+def test_parse_result_of_a_failed_run_has_no_time() -> None:
+    out = "RESULT nat_a=symmetric nat_b=cone wg=kernel ok=0 ttt_ms=-1 punch_alice=0 punch_bob=0"
+    assert bench.parse_result(out) == bench.Run(ok=False, ttt_ms=None, wg="kernel")
+
+
+def test_parse_result_without_a_result_line() -> None:
+    assert bench.parse_result("netns_lab: needs root\n") is None
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 11))
+    assert bench.percentile(values, 50) == 5
+    assert bench.percentile(values, 90) == 9
+    assert bench.percentile(values, 100) == 10
+    assert bench.percentile([7], 90) == 7
+
+
+def test_table_counts_tunnels_and_summarises_times() -> None:
+    ok = bench.Row("cone/cone", [bench.Run(True, t, "userspace") for t in (1000, 3000, 2000)])
+    bad = bench.Row("symmetric/cone", [bench.Run(False, None, "userspace")], errors=1)
+    lines = bench.table([ok, bad]).splitlines()
+    assert lines[2].split() == ["cone/cone", "3/3", "2.000", "3.000", "1.000", "3.000", "userspace"]
+    assert lines[3].split() == ["symmetric/cone", "0/2", "-", "-", "-", "-", "userspace"]
