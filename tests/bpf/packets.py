@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from scapy.layers.inet import (
     ICMP,
@@ -49,7 +50,7 @@ class Case:
     accept: bool
 
 
-def _ip(src: str = SERVER4, **kw: object) -> IP:
+def _ip(src: str = SERVER4, **kw: Any) -> IP:
     kw.setdefault("id", 0x4242)
     return IP(src=src, dst=CLIENT4, **kw)
 

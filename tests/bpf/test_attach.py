@@ -63,7 +63,7 @@ def test_lock(udp: socket.socket) -> None:
 
 def test_lock_separately(udp: socket.socket) -> None:
     lock_filter(udp)
-    with pytest.raises(BpfAttachError, match="SO_ATTACH_FILTER .* locked"):
+    with pytest.raises(BpfAttachError, match=r"SO_ATTACH_FILTER .* locked"):
         attach_filter(udp, PROG)
 
 

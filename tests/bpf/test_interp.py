@@ -84,8 +84,8 @@ def test_net_offset_reads_the_prefix_then_the_data() -> None:
     prefix = bytes(range(100, 140))  # 40 bytes, like an IPv6 header
     big = PKT * 4                   # so that returned values are not capped
 
-    def at(k: int, **kw: bytes) -> int:
-        return run(ret_a_after(I.ld_abs_b(k)), big, **kw)
+    def at(k: int, net_prefix: bytes = b"") -> int:
+        return run(ret_a_after(I.ld_abs_b(k)), big, net_prefix=net_prefix)
 
     assert at(I.SKF_NET_OFF + 8, net_prefix=prefix) == 108
     assert at(I.SKF_NET_OFF + 39, net_prefix=prefix) == 139
@@ -199,7 +199,7 @@ def test_random_programs_agree_with_kernel(lab: object) -> None:
             seen = [d for d, _ in until(socks[0], is_sentinel)]
             assert seen == packets
             eth = lab.cli_mac + lab.srv_mac + b"\x08\x00"
-            for prog, sock in zip(programs, socks[1:]):
+            for prog, sock in zip(programs, socks[1:], strict=True):
                 want = [p[:n] for p in seen if (n := run(prog, p, ll_header=eth))]
                 got = [d for d, _ in until(sock, is_sentinel)]
                 assert got == want, prog

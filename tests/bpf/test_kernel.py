@@ -147,7 +147,7 @@ def test_ipv6_raw_filter_reads_network_header_through_skf_net_off(lab: RawLab) -
             lab.send(pkt)
             lab.send(sentinel)
         got = {name: [d for d, _ in until(s, lambda d: d[:2] == sentinel[40:42])]
-               for name, s in zip(probes, socks)}
+               for name, s in zip(probes, socks, strict=True)}
     assert got == {
         "version": [pkt[40:40 + 0x60]],
         "nexthdr": [pkt[40:40 + 17]],

@@ -58,8 +58,8 @@ ACCEPTED: dict[str, tuple[Insn, ...]] = {
     "ret0": (RET0,),
     "ret-a": (I.ret_a(),),
     "max-length": (I.ld_imm(1),) * 4095 + (RET0,),
-    "known-ancillary": tuple(I.ld_abs_w(I.SKF_AD_OFF + n) for n in range(0, 64, 4))
-                       + (I.ret_a(),),
+    "known-ancillary": (*(I.ld_abs_w(I.SKF_AD_OFF + n) for n in range(0, 64, 4)),
+                        I.ret_a()),
     "net-offset": (I.ld_abs_w(I.SKF_NET_OFF + 8), I.ret_a()),
     "link-layer-offset": (I.ld_abs_b(I.SKF_LL_OFF + 12), I.ret_a()),
     "div-x-zero-allowed": (I.div_x(), I.ret_a()),
