@@ -21,6 +21,11 @@ program (net/core/filter.c), not libpcap's ``bpf_filter``; the two differ on shi
   indirect load or ``ldxb 4*([k]&0xf)`` that lands there simply drops, as in the
   kernel.
 - The result is ``min(returned value, len(packet))``: a filter cannot grow a packet.
+
+One difference is deliberate: in the kernel, reads relative to ``SKF_NET_OFF`` or
+``SKF_LL_OFF`` reach only the linear part of the socket buffer, while plain offsets
+also reach paged data. The interpreter treats every packet as linear. Headers are
+always linear, so filters that read only headers that way (like ours) are unaffected.
 """
 
 from __future__ import annotations
