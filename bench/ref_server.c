@@ -15,7 +15,12 @@
  * the benchmark uses that only to show how far the load generator can go (it
  * is never the reference for the ratio).
  *
+ * `--drop-every N` / `--corrupt-every N` withhold or damage (port + 1) every
+ * Nth reply: they exist only so the benchmark can prove that the load
+ * generator notices (bench_server.py --self-check).
+ *
  * usage: ref_server ADDRESS PORT [--mmsg N] [--rcvbuf BYTES]
+ *                   [--drop-every N] [--corrupt-every N]
  * Prints "ready <port>" on stdout once bound; SIGTERM/SIGINT end it and it
  * prints the number of datagrams it answered and dropped on stderr.
  */
@@ -48,6 +53,7 @@ static size_t cap = 1 << 16; /* power of two */
 static size_t count;
 static volatile sig_atomic_t stop;
 static unsigned long long answered, dropped;
+static unsigned long long drop_every, corrupt_every, nreq;
 
 static uint64_t hash_key(const uint8_t *k)
 {
@@ -113,11 +119,17 @@ static int handle(const uint8_t *req, ssize_t len, const struct sockaddr_in *fro
 	if (len != REQ_LEN || from->sin_family != AF_INET)
 		return -1;
 	record(req, from);
+	nreq++;
+	if (drop_every && nreq % drop_every == 0)
+		return -1;
 	const struct slot *s = find(table, cap, req + KEY_LEN);
 	if (!s->used)
 		return 0;
 	memcpy(reply, &s->ip, 4);
-	memcpy(reply + 4, &s->port, 2);
+	uint16_t port = s->port;
+	if (corrupt_every && nreq % corrupt_every == 0)
+		port = htons(ntohs(port) + 1);
+	memcpy(reply + 4, &port, 2);
 	return REPLY_LEN;
 }
 
@@ -204,7 +216,8 @@ int main(int argc, char **argv)
 {
 	int batch = 0, rcvbuf = 4 << 20;
 	if (argc < 3) {
-		fprintf(stderr, "usage: %s ADDRESS PORT [--mmsg N] [--rcvbuf BYTES]\n", argv[0]);
+		fprintf(stderr, "usage: %s ADDRESS PORT [--mmsg N] [--rcvbuf BYTES] "
+			"[--drop-every N] [--corrupt-every N]\n", argv[0]);
 		return 2;
 	}
 	for (int i = 3; i < argc; i++) {
@@ -212,6 +225,10 @@ int main(int argc, char **argv)
 			batch = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--rcvbuf") && i + 1 < argc)
 			rcvbuf = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--drop-every") && i + 1 < argc)
+			drop_every = strtoull(argv[++i], NULL, 10);
+		else if (!strcmp(argv[i], "--corrupt-every") && i + 1 < argc)
+			corrupt_every = strtoull(argv[++i], NULL, 10);
 		else {
 			fprintf(stderr, "unknown argument %s\n", argv[i]);
 			return 2;
