@@ -25,8 +25,6 @@ import socket
 from collections.abc import Sequence
 from typing import Any
 
-from cffi import FFI
-
 from .errors import BpfAttachError
 from .insn import Insn, Program, decode, encode
 from .validate import validate
@@ -51,8 +49,7 @@ SO_GET_FILTER = SO_ATTACH_FILTER
 SO_LOCK_FILTER = 44
 SOL_SOCKET = socket.SOL_SOCKET
 
-_ffi = FFI()
-_ffi.cdef("""
+_CDEF = """
     struct sock_filter {
         uint16_t code;
         uint8_t  jt;
@@ -67,14 +64,29 @@ _ffi.cdef("""
                    uint32_t optlen);
     int getsockopt(int sockfd, int level, int optname, void *optval, uint32_t *optlen);
     ssize_t recv(int sockfd, void *buf, size_t len, int flags);
-""")
+"""
+_ffi: Any = None
 _libc: Any = None
 
 
+def _api() -> tuple[Any, Any]:
+    """(ffi, libc), set up on first use."""
+    lib = _lib()
+    return _ffi, lib
+
+
 def _lib() -> Any:
-    global _libc
+    """The C library through cffi, set up on first use: parsing the declarations costs
+    ~25 ms, which a client that must send its first request fast pays only when it
+    attaches the filter."""
+    global _ffi, _libc
     if _libc is None:
-        _libc = _ffi.dlopen(None)
+        from cffi import FFI
+
+        ffi = FFI()
+        ffi.cdef(_CDEF)
+        _libc = ffi.dlopen(None)
+        _ffi = ffi
     return _libc
 
 
@@ -112,12 +124,13 @@ def attach_filter(sock: socket.socket | int, program: Sequence[Insn], lock: bool
     if check:
         validate(program)
     fd = _fd(sock)
+    ffi, lib = _api()
     raw = encode(program)
-    insns = _ffi.new("struct sock_filter[]", len(program))
-    _ffi.memmove(insns, raw, len(raw))
-    fprog = _ffi.new("struct sock_fprog *", {"len": len(program), "filter": insns})
-    if _lib().setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, fprog,
-                         _ffi.sizeof("struct sock_fprog")) != 0:
+    insns = ffi.new("struct sock_filter[]", len(program))
+    ffi.memmove(insns, raw, len(raw))
+    fprog = ffi.new("struct sock_fprog *", {"len": len(program), "filter": insns})
+    if lib.setsockopt(fd, SOL_SOCKET, SO_ATTACH_FILTER, fprog,
+                         ffi.sizeof("struct sock_fprog")) != 0:
         raise _fail("SO_ATTACH_FILTER", fd)
     log.debug("attached a %d-instruction filter to fd %d", len(program), fd)
     if lock:
@@ -127,16 +140,18 @@ def attach_filter(sock: socket.socket | int, program: Sequence[Insn], lock: bool
 def lock_filter(sock: socket.socket | int) -> None:
     """SO_LOCK_FILTER: forbid replacing or detaching the socket's filter from now on."""
     fd = _fd(sock)
-    one = _ffi.new("int *", 1)
-    if _lib().setsockopt(fd, SOL_SOCKET, SO_LOCK_FILTER, one, _ffi.sizeof("int")) != 0:
+    ffi, lib = _api()
+    one = ffi.new("int *", 1)
+    if lib.setsockopt(fd, SOL_SOCKET, SO_LOCK_FILTER, one, ffi.sizeof("int")) != 0:
         raise _fail("SO_LOCK_FILTER", fd)
 
 
 def detach_filter(sock: socket.socket | int) -> None:
     """Remove the socket's filter (ENOENT if there is none, EPERM if locked)."""
     fd = _fd(sock)
-    zero = _ffi.new("int *", 0)
-    if _lib().setsockopt(fd, SOL_SOCKET, SO_DETACH_FILTER, zero, _ffi.sizeof("int")) != 0:
+    ffi, lib = _api()
+    zero = ffi.new("int *", 0)
+    if lib.setsockopt(fd, SOL_SOCKET, SO_DETACH_FILTER, zero, ffi.sizeof("int")) != 0:
         raise _fail("SO_DETACH_FILTER", fd)
     log.debug("detached the filter of fd %d", fd)
 
@@ -148,17 +163,18 @@ def get_filter(sock: socket.socket | int) -> Program:
     length 0 asks how many there are.
     """
     fd = _fd(sock)
-    optlen = _ffi.new("uint32_t *", 0)
-    if _lib().getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, _ffi.NULL, optlen) != 0:
+    ffi, lib = _api()
+    optlen = ffi.new("uint32_t *", 0)
+    if lib.getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, ffi.NULL, optlen) != 0:
         raise _fail("SO_GET_FILTER", fd)
     count = optlen[0]
     if count == 0:
         return ()
-    buf = _ffi.new("struct sock_filter[]", count)
+    buf = ffi.new("struct sock_filter[]", count)
     optlen[0] = count
-    if _lib().getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, buf, optlen) != 0:
+    if lib.getsockopt(fd, SOL_SOCKET, SO_GET_FILTER, buf, optlen) != 0:
         raise _fail("SO_GET_FILTER", fd)
-    return decode(bytes(_ffi.buffer(buf, optlen[0] * _ffi.sizeof("struct sock_filter"))))
+    return decode(bytes(ffi.buffer(buf, optlen[0] * ffi.sizeof("struct sock_filter"))))
 
 
 def drain(sock: socket.socket | int) -> int:
@@ -169,13 +185,14 @@ def drain(sock: socket.socket | int) -> int:
     calls recv(2) directly).
     """
     fd = _fd(sock)
-    buf = _ffi.new("char[1]")
+    ffi, lib = _api()
+    buf = ffi.new("char[1]")
     count = 0
     while True:
-        if _lib().recv(fd, buf, 1, socket.MSG_DONTWAIT) >= 0:
+        if lib.recv(fd, buf, 1, socket.MSG_DONTWAIT) >= 0:
             count += 1
             continue
-        err = _ffi.errno
+        err = ffi.errno
         if err == errno_mod.EINTR:
             continue
         if err in (errno_mod.EAGAIN, errno_mod.EWOULDBLOCK):

@@ -172,8 +172,11 @@ class Client:
 
             assert self.channel is not None
             server = self.channel.server
+            self.poller.unregister(self.channel.fileno())
             self.channel.close()
             self.channel = RawChannel(server, self.device.listen_port)
+            self.channel.arm()
+            self.poller.register(self.channel.fileno(), select.POLLIN)
             self.wg_port = self.device.listen_port
         self.machine.update_device(now, _view(self.device, time.time()))
 
@@ -201,12 +204,16 @@ class Client:
         start = clock()
         deadline = start + opts.timeout if not opts.daemon else float("inf")
         machine.update_device(start, _view(self.device, time.time()))
+        for send in machine.poll(start):  # the first request goes out before cffi loads
+            self.channel.send_to_server(send.payload)
+        self.channel.arm()
+        self.poller = select.poll()
+        self.poller.register(self.channel.fileno(), select.POLLIN)
+        self.poller.register(self._wake_r.fileno(), select.POLLIN)
         next_refresh = start + opts.device_refresh
-        last_reply = start
+        self.last_reply = start
         warned_silent = False
-        poller = select.poll()
-        poller.register(self.channel.fileno(), select.POLLIN)
-        poller.register(self._wake_r.fileno(), select.POLLIN)
+        self._take_replies()  # an early reply may already be in
         while not self.stopping:
             now = clock()
             for send in machine.poll(now):
@@ -219,20 +226,26 @@ class Client:
                 result = self._finished(now, deadline)
                 if result is not None:
                     return result
-            elif machine.replied and now - last_reply > 3 * opts.timing.interval and not warned_silent:
-                log.warning("no reply from the server for %ds", now - last_reply)
-                warned_silent = True
+            elif now - self.last_reply > 3 * opts.timing.interval:
+                if not warned_silent:
+                    log.warning("no reply from the server for %ds", now - self.last_reply)
+                    warned_silent = True
+            else:
+                warned_silent = False
             wake = min(machine.next_wakeup(), next_refresh, deadline)
-            for fd, _ in poller.poll(max(0.0, wake - clock()) * 1000 + 1):
-                if fd != self.channel.fileno():
-                    continue
-                for payload in self.channel.replies():
-                    now = clock()
-                    last_reply, warned_silent = now, False
-                    log.debug("reply: %d bytes", len(payload))
-                    for action in machine.on_reply(now, payload):
-                        self.apply(action)
+            for fd, _ in self.poller.poll(max(0.0, wake - clock()) * 1000 + 1):
+                if fd == self.channel.fileno():
+                    self._take_replies()
         return Result(EXIT_OK, "stopped")
+
+    def _take_replies(self) -> None:
+        assert self.channel is not None
+        for payload in self.channel.replies():
+            now = time.monotonic()
+            self.last_reply = now
+            log.debug("reply: %d bytes", len(payload))
+            for action in self.machine.on_reply(now, payload):
+                self.apply(action)
 
     def _finished(self, now: float, deadline: float) -> Result | None:
         machine = self.machine

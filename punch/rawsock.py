@@ -7,8 +7,13 @@ WireGuard's own traffic uses, and the server sees WireGuard's public endpoint.
 
 The same socket receives every UDP packet that reaches the host, tunnel traffic
 included, so a classic BPF filter lets only the server's replies to WireGuard's port
-through; packets queued before the filter was attached are drained, and every packet
-is checked again in Python before it is believed.
+through, and every packet is checked again in Python before it is believed.
+
+Order matters for speed: the client sends its first request as soon as the socket
+exists and attaches the filter right after (setting up cffi costs ~25 ms). Whatever
+queued up before the filter bypassed it, so :meth:`RawChannel.arm` drains the queue
+through the Python check, which accepts exactly what the filter accepts (the bpf
+tests prove it): the server's early reply is kept, everything else is discarded.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import socket
 import time
 from collections.abc import Iterator
 
-from bpf.attach import attach_filter, detach_filter, drain
+from collections import deque
+
 from bpf.programs import ipv4_reply_filter, looks_like_ipv4_reply
 
 from .errors import NotPermitted, PunchError
@@ -28,9 +34,6 @@ from .udp import UdpError, build_udp, parse_ipv4_udp
 __all__ = ["RawChannel", "source_address_for"]
 
 log = logging.getLogger(__name__)
-
-MAX_PAYLOAD = 64  # the filter accepts replies up to this size; classic replies are 6
-
 
 def source_address_for(dst: tuple[str, int]) -> str:
     """The local address the kernel picks to reach DST (a routing lookup, no traffic)."""
@@ -51,20 +54,30 @@ class RawChannel:
         self.server = server
         self.wg_port = wg_port
         self.ignored = 0
+        self.armed = False
+        self._early: deque[bytes] = deque()
         self._src_cache: dict[str, tuple[str, float]] = {}
         try:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         except PermissionError:
             raise NotPermitted("opening a raw socket needs root (CAP_NET_RAW)") from None
+        self.sock.setblocking(False)
+
+    def arm(self) -> None:
+        """Attach the reply filter, then drain what queued before it (keeping replies)."""
+        from bpf.attach import attach_filter
+
         try:
-            attach_filter(self.sock, ipv4_reply_filter(server[0], server[1], wg_port))
-            drained = drain(self.sock)
-            if drained:
-                log.debug("drained %d packets queued before the filter", drained)
-            self.sock.setblocking(False)
-        except BaseException:
+            attach_filter(self.sock, ipv4_reply_filter(self.server[0], self.server[1],
+                                                       self.wg_port))
+        except OSError:
             self.sock.close()
             raise
+        self.armed = True
+        before = self.ignored
+        self._early.extend(self._read())
+        if self.ignored > before:
+            log.debug("drained %d packets queued before the filter", self.ignored - before)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -101,6 +114,11 @@ class RawChannel:
 
     def replies(self) -> Iterator[bytes]:
         """The payloads of the server's replies waiting on the socket (non-blocking)."""
+        while self._early:
+            yield self._early.popleft()
+        yield from self._read()
+
+    def _read(self) -> Iterator[bytes]:
         server_ip, server_port = self.server
         while True:
             try:
@@ -117,8 +135,11 @@ class RawChannel:
                 log.debug("ignored a packet: %s", e)
 
     def close(self) -> None:
-        try:
-            detach_filter(self.sock)
-        except OSError:
-            pass
+        if self.armed and self.sock.fileno() >= 0:
+            from bpf.attach import detach_filter
+
+            try:
+                detach_filter(self.sock)
+            except OSError:
+                pass
         self.sock.close()

@@ -62,6 +62,7 @@ def parse_ipv4_udp(packet: bytes) -> Datagram:
     sport, dport, length, _ = _UDP.unpack_from(packet, ihl)
     if length < 8:
         raise UdpError(f"UDP length {length} is shorter than its header")
-    end = ihl + length
+    if ihl + length > len(packet):
+        raise UdpError(f"UDP length {length} exceeds the {len(packet) - ihl} bytes received")
     return Datagram(socket.inet_ntoa(packet[12:16]), sport, socket.inet_ntoa(packet[16:20]),
-                    dport, bytes(packet[ihl + 8:min(end, len(packet))]))
+                    dport, bytes(packet[ihl + 8:ihl + length]))

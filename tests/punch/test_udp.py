@@ -73,3 +73,11 @@ def test_parse_never_raises_anything_else_on_random_input():
 def test_oversized_payload_is_refused():
     with pytest.raises(UdpError, match="does not fit"):
         build_udp("1.1.1.1", "2.2.2.2", 1, 2, bytes(65530))
+
+
+def test_parse_rejects_a_reply_cut_short():
+    """The filter keeps a bounded number of bytes; a longer datagram arrives cut short
+    and must not be taken for a shorter, valid reply."""
+    seg = build_udp("198.51.100.10", "192.168.1.2", 49918, 51820, bytes(300))
+    with pytest.raises(UdpError, match="UDP length 308 exceeds the 264 bytes received"):
+        parse_ipv4_udp(ipv4("198.51.100.10", "192.168.1.2", seg)[:20 + 8 + 256])
