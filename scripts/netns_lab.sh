@@ -31,8 +31,8 @@ netns_lab.sh: see wgpunch punch through real NATs, on one machine, as root.
 The lab is six network namespaces joined by veth pairs (none touches the root namespace):
 
     alice 192.168.1.2 -- [nat-a 192.168.1.1 | $PUB_A] --+
-                                                            +-- inet -- server $SRV_ADDR
-    bob   192.168.2.2 -- [nat-b 192.168.2.1 | $PUB_B]     --+
+                                                           +-- inet -- server $SRV_ADDR
+    bob   192.168.2.2 -- [nat-b 192.168.2.1 | $PUB_B] ----+
 
 Alice and Bob each have wg0 (listen port $WG_PORT, tunnel addresses $ALICE_TUN and $BOB_TUN)
 with the other as peer (allowed-ips, no endpoint). The server runs wg-rendezvous on
@@ -615,4 +615,4 @@ main() {
     *) usage >&2; die "unknown command '$cmd'" ;;
   esac
 }
-main "$@"
+main "$@"; exit  # on one line: bash never reads past it, so editing this file mid-run is safe
