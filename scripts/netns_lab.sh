@@ -46,7 +46,7 @@ Usage: netns_lab.sh COMMAND [ARGS]
         to the first handshake, and tear everything down. Start here.
   check [--install]
         Say which tools are missing and the Debian packages that provide them;
-        with --install, apt-get (or pip) installs them.
+        with --install, scripts/install-deps.sh --lab installs them (apt-get, pip).
   up [--nat-a MODE] [--nat-b MODE]
         Build a lab and leave it running (WireGuard configured, no client started).
   down  Remove the lab: its processes (by PID), namespaces and state. Idempotent.
@@ -181,9 +181,9 @@ cmd_check() {
   [ "$(id -u)" = 0 ] || die "needs root (network namespaces, nftables, WireGuard)"
   local pkgs=() pips=() t
   declare -A pkg_of=([ip]=iproute2 [ss]=iproute2 [nft]=nftables [wg]=wireguard-tools
-    [conntrack]=conntrack [ping]=iputils-ping [unshare]=util-linux [nsenter]=util-linux
+    [ping]=iputils-ping [sysctl]=procps [unshare]=util-linux [nsenter]=util-linux
     [setsid]=util-linux [od]=coreutils)
-  for t in ip ss nft wg conntrack ping unshare nsenter setsid od; do
+  for t in ip ss nft wg ping sysctl unshare nsenter setsid od; do
     command -v "$t" >/dev/null || pkgs+=("${pkg_of[$t]}")
   done
   local wgmode=${LAB_WG:-auto}
@@ -209,15 +209,13 @@ cmd_check() {
     say "missing tools. Install them with:"
     [ ${#pkgs[@]} -eq 0 ] || echo "    apt-get install -y ${pkgs[*]}" >&2
     [ ${#pips[@]} -eq 0 ] || echo "    $PYTHON -m pip install ${pips[*]}" >&2
-    say "or rerun with --install"
+    say "or all at once: $REPO/scripts/install-deps.sh --lab   (or rerun with --install)"
     return 1
   fi
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    say "installing: ${pkgs[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${pkgs[@]}"
-  fi
-  [ ${#pips[@]} -eq 0 ] || "$PYTHON" -m pip install "${pips[@]}"
+  # One installer knows the project's packages (also used by CI and the README).
+  say "installing: ${pkgs[*]} ${pips[*]}"
+  PYTHON=$PYTHON bash "$REPO/scripts/install-deps.sh" --lab
+  cmd_check   # and prove it
 }
 resolve_prefix_probe() { P=${P:-wgpl-check$$}; }
 
@@ -480,7 +478,9 @@ cmd_status() {
   local h
   for h in alice bob; do echo "== $h: wg show"; on "$h" wg show wg0 || true; done
   for h in nat-a nat-b; do
-    echo "== $h: UDP conntrack"; on "$h" conntrack -L -p udp 2>/dev/null || true
+    echo "== $h: UDP conntrack"
+    if command -v conntrack >/dev/null; then on "$h" conntrack -L -p udp 2>/dev/null || true
+    else echo "(install conntrack to see them)"; fi
     echo "== $h: drop rules"; on "$h" nft list chain ip wgpunch_lab drops | grep -w drop || true
   done
 }
@@ -490,6 +490,7 @@ nat_host() { case $1 in a) echo nat-a ;; b) echo nat-b ;; *) die "NAT must be a 
 cmd_rebind() {
   [ $# -eq 1 ] || die "usage: rebind a|b"
   resolve_prefix; load_config
+  command -v conntrack >/dev/null || die "rebind needs conntrack (apt-get install conntrack)"
   local nat lan pub n port
   nat=$(nat_host "$1")
   if [ "$1" = a ]; then lan=$ALICE_LAN pub=$PUB_A; else lan=$BOB_LAN pub=$PUB_B; fi
