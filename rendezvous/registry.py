@@ -2,10 +2,14 @@
 
 Pure: every call takes ``now`` (seconds, any monotonic clock) and does no I/O.
 
-Design, and why:
-- One ``dict`` maps the 32-byte key to one ``int`` that packs the 6-byte endpoint and a
-  *tick* (microseconds of ``now``, forced strictly increasing). The int is 40 bytes; a
-  tuple or object per entry would blow the 160 B/peer budget.
+Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured as RSS):
+- One ``dict`` maps the 32-byte key (an 80-byte object once pymalloc rounds it) to one
+  ``int`` packing the 6-byte endpoint and a 12-bit *tick*: the refresh time in units of
+  ttl/1024, modulo 4096. A 60-bit int takes 32 bytes; one more bit (or a tuple, or an
+  object) costs 16 to 60 bytes more per peer. Ages are computed modulo 4096 ticks, which
+  is exact while no entry outlives 4 x ttl unswept: :meth:`Registry.expire` must run
+  regularly (the server calls it every loop, and upserts sweep a little too), and a
+  registry left untouched for 3 x ttl forgets everything at once.
 - The dict's insertion order *is* the refresh order: a refresh deletes and re-inserts
   the key, so the least recently refreshed entry is always the first one. That gives
   exact LRU eviction and oldest-first expiry in O(1) amortised.
@@ -13,8 +17,9 @@ Design, and why:
   4x the live entries (measured: 185 B/peer at 1M). We notice the resize (the dict's
   size changes) and rebuild the dict at once, which sizes it for the live entries.
 - Iterating a dict from its start walks over dead slots, so we do not call
-  ``next(iter(d))`` per eviction. We take a snapshot of the first few keys in order and
-  pop from it; a key refreshed after the snapshot has a newer tick and is skipped.
+  ``next(iter(d))`` per eviction. We take a snapshot of the first few keys, with their
+  value objects, and pop from it; a key refreshed since holds a new value object and is
+  skipped (identity, not time, so refreshes within one tick are seen too).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from dataclasses import dataclass
 
 __all__ = ["Registry", "RegistryStats"]
 
-_TICK_BITS = 64
+_TICK_BITS = 12
 _TICK_MASK = (1 << _TICK_BITS) - 1
+_TICKS_PER_TTL = 1024  # ages up to 4 ttl are unambiguous modulo 4096
 
 
 @dataclass
@@ -51,11 +57,12 @@ class Registry:
         self.max_peers = max_peers
         self.stats = RegistryStats()
         self._d: dict[bytes, int] = {}
-        self._ttl_ticks = int(ttl * 1_000_000)
-        self._last_tick = -1
+        self._per_second = _TICKS_PER_TTL / ttl
+        self._now_tick = 0  # the registry's clock: never goes backwards
+        self._ops = 0
         self._size = sys.getsizeof(self._d)
         self._front: deque[bytes] = deque()
-        self._front_tick = 0  # the newest tick when the snapshot was taken
+        self._front_values: deque[int] = deque()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -63,18 +70,27 @@ class Registry:
     def __contains__(self, key: object) -> bool:
         return key in self._d
 
-    def _tick(self, now: float) -> int:
-        t = max(int(now * 1_000_000), 0)
-        if t <= self._last_tick:
-            t = self._last_tick + 1
-        self._last_tick = t
-        return t
+    def _clock(self, now: float) -> int:
+        """The current tick; a jump of 3 ttl or more forgets every entry at once."""
+        t = int(now * self._per_second)
+        if t > self._now_tick:
+            if t - self._now_tick >= 3 * _TICKS_PER_TTL and self._d:
+                self.stats.expired += len(self._d)
+                self._d = {}
+                self._size = sys.getsizeof(self._d)
+                self._front.clear()
+                self._front_values.clear()
+            self._now_tick = t
+        return self._now_tick
 
     def upsert(self, key: bytes, endpoint: bytes, now: float) -> None:
         """Record (or refresh) KEY at ENDPOINT; evicts the LRU entry when full."""
+        tick = self._clock(now)  # first: after a long idle gap it empties the table
         d = self._d
-        tick = self._tick(now)
-        value = (int.from_bytes(endpoint, "big") << _TICK_BITS) | tick
+        self._ops += 1
+        if not self._ops & 63:
+            self.expire(now, budget=128)  # sweep a little as we go
+        value = (int.from_bytes(endpoint, "big") << _TICK_BITS) | (tick & _TICK_MASK)
         if d.pop(key, None) is not None:
             self.stats.refreshed += 1
         else:
@@ -87,62 +103,64 @@ class Registry:
         d[key] = value
         size = sys.getsizeof(d)
         if size != self._size:
-            self._resized(size)
+            self._resized()
 
     def lookup(self, key: bytes, now: float) -> bytes | None:
         """The packed endpoint of KEY, or None if unknown or expired."""
+        tick = self._clock(now)
         value = self._d.get(key)
         if value is None:
             return None
-        if int(now * 1_000_000) - (value & _TICK_MASK) >= self._ttl_ticks:
+        if (tick - value) & _TICK_MASK >= _TICKS_PER_TTL:
             del self._d[key]
             self.stats.expired += 1
             return None
         return (value >> _TICK_BITS).to_bytes(6, "big")
 
-    def refreshed_at(self, key: bytes) -> float | None:
-        """When KEY was last refreshed (in the caller's clock), or None."""
-        value = self._d.get(key)
-        return None if value is None else (value & _TICK_MASK) / 1_000_000
-
     def expire(self, now: float, budget: int | None = None) -> int:
         """Drop entries not refreshed for ``ttl`` seconds, oldest first; return how many."""
-        limit = int(now * 1_000_000) - self._ttl_ticks
+        before = self.stats.expired
+        tick = self._clock(now)
+        d = self._d
         n = 0
-        while self._d and (budget is None or n < budget):
+        while d and (budget is None or n < budget):
             key = self._peek_oldest()
-            if self._d[key] & _TICK_MASK > limit:
+            if (tick - d[key]) & _TICK_MASK < _TICKS_PER_TTL:
                 break
             self._front.popleft()
-            del self._d[key]
+            self._front_values.popleft()
+            del d[key]
             n += 1
         self.stats.expired += n
-        return n
+        return self.stats.expired - before
 
     def oldest(self) -> bytes | None:
         """The least recently refreshed key (the next to be evicted)."""
         return self._peek_oldest() if self._d else None
 
     def _peek_oldest(self) -> bytes:
-        d, front = self._d, self._front
+        d, front, values = self._d, self._front, self._front_values
         while True:
             while front:
                 key = front[0]
-                value = d.get(key)
-                if value is not None and value & _TICK_MASK <= self._front_tick:
+                if d.get(key) is values[0]:
                     return key
                 front.popleft()  # gone, or refreshed (moved to the back) since the snapshot
-            self._front_tick = self._last_tick
-            front.extend(itertools.islice(d, max(64, len(d) >> 4)))
+                values.popleft()
+            for key in itertools.islice(d, max(64, len(d) >> 4)):
+                front.append(key)
+                values.append(d[key])
 
     def _pop_oldest(self) -> None:
         key = self._peek_oldest()
         self._front.popleft()
+        self._front_values.popleft()
         del self._d[key]
 
-    def _resized(self, size: int) -> None:
+    def _resized(self) -> None:
         """CPython resized the table; rebuild it sized for the live entries."""
         self._d = dict(self._d)
         self._size = sys.getsizeof(self._d)
         self._front.clear()
+        self._front_values.clear()
         self.stats.compactions += 1

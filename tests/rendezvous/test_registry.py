@@ -58,11 +58,49 @@ def test_expire_sweeps_oldest_first_and_stops_at_fresh():
 
 
 def test_expire_budget():
-    r = Registry(ttl=1, max_peers=100)
+    r = Registry(ttl=10, max_peers=100)
     for i in range(10):
         r.upsert(key(i), EP1, 0.0)
-    assert r.expire(5.0, budget=3) == 3
+    assert r.expire(15.0, budget=3) == 3
     assert len(r) == 7
+
+
+def test_idle_for_three_ttl_forgets_everything():
+    """Ages are kept modulo 4 ttl; after 3 ttl without any call every entry is stale."""
+    r = Registry(ttl=10, max_peers=100)
+    for i in range(5):
+        r.upsert(key(i), EP1, 0.0)
+    assert r.lookup(key(1), 30.5) is None
+    assert len(r) == 0 and r.stats.expired == 5
+
+
+def test_ages_stay_exact_across_tick_wraparound():
+    """Refreshing for many ttl periods (the 12-bit tick wraps every 4 ttl) keeps working."""
+    r = Registry(ttl=10, max_peers=100)
+    t = 0.0
+    for _ in range(200):
+        t += 3.0
+        r.upsert(key(1), EP1, t)
+        r.upsert(key(2), EP2, t)
+        assert r.lookup(key(1), t + 9.9) == EP1
+    assert r.lookup(key(2), t + 10.1) is None
+
+
+def test_expiry_resolution_is_ttl_over_1024():
+    r = Registry(ttl=1024, max_peers=10)
+    r.upsert(key(1), EP1, 0.0)
+    assert r.lookup(key(1), 1023.99) == EP1
+    assert r.lookup(key(1), 1024.0) is None
+
+
+def test_refresh_within_one_tick_still_moves_to_the_back():
+    r = Registry(ttl=1000, max_peers=2)
+    r.upsert(key(1), EP1, 5.0)
+    r.upsert(key(2), EP1, 5.0)
+    assert r.oldest() == key(1)  # a snapshot is taken now
+    r.upsert(key(1), EP1, 5.0)   # same tick, same value: still a refresh
+    r.upsert(key(3), EP1, 5.0)
+    assert key(2) not in r and key(1) in r
 
 
 def test_eviction_is_least_recently_refreshed():
