@@ -85,11 +85,19 @@ class Registry:
 
     def upsert(self, key: bytes, endpoint: bytes, now: float) -> None:
         """Record (or refresh) KEY at ENDPOINT; evicts the LRU entry when full."""
-        tick = self._clock(now)  # first: after a long idle gap it empties the table
+        tick = int(now * self._per_second)
+        if tick > self._now_tick:
+            self._clock(now)  # first: after a long idle gap it empties the table
+        tick = self._now_tick
         d = self._d
         self._ops += 1
         if not self._ops & 63:
-            self.expire(now, budget=128)  # sweep a little as we go
+            # Every 64 operations: sweep a little, and notice a resize (CPython grows the
+            # table 4x when re-insertions fill it; we rebuild it for the live entries).
+            self.expire(now, budget=128)
+            if sys.getsizeof(d) != self._size:
+                self._resized()
+                d = self._d
         value = (int.from_bytes(endpoint, "big") << _TICK_BITS) | (tick & _TICK_MASK)
         if d.pop(key, None) is not None:
             self.stats.refreshed += 1
@@ -101,13 +109,11 @@ class Registry:
                     self.stats.evicted += 1
             self.stats.inserted += 1
         d[key] = value
-        size = sys.getsizeof(d)
-        if size != self._size:
-            self._resized()
 
     def lookup(self, key: bytes, now: float) -> bytes | None:
         """The packed endpoint of KEY, or None if unknown or expired."""
-        tick = self._clock(now)
+        tick = int(now * self._per_second)
+        tick = self._clock(now) if tick > self._now_tick else self._now_tick
         value = self._d.get(key)
         if value is None:
             return None

@@ -23,6 +23,7 @@ __all__ = ["ListenError", "Server", "ServerOptions", "open_socket"]
 log = logging.getLogger(__name__)
 
 _SO_RCVBUF = 4 << 20
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: & on the IntFlag costs microseconds
 
 
 class ListenError(OSError):
@@ -156,25 +157,18 @@ class Server:
     def _mmsg_reader(self, sock: socket.socket, batch: mmsg.Batch) -> Callable[[], None]:
         fd = sock.fileno()
         handle = self.service.handle
+        if self.options.verbose:
+            def handle(data: bytes, src: bytes, now: float) -> bytes | None:
+                reply = self.service.handle(data, src, now)
+                self._log_request(data, src, reply)
+                return reply
         clock = self.clock
-        verbose = self.options.verbose
 
         def read() -> None:
             # Bounded: after 16 full batches, give housekeeping and other sockets a turn.
             for _ in range(16):
-                n = batch.recv(fd)
-                if n == 0:
-                    return
-                now = clock()
-                for i in range(n):
-                    data = batch.payload(i, batch.length(i))
-                    src = batch.source(i)
-                    reply = handle(data, src, now)
-                    if verbose:
-                        self._log_request(data, src, reply)
-                    if reply is not None:
-                        batch.queue_reply(i, reply)
-                self.send_failed += batch.flush(fd)[1]
+                n, _sent, failed = batch.exchange(fd, handle, clock())
+                self.send_failed += failed
                 if n < batch.size:
                     return
 
@@ -195,7 +189,7 @@ class Server:
                 except OSError as e:  # e.g. an ICMP error reported on the socket
                     log.debug("recvmsg: %s", e)
                     continue
-                if flags & socket.MSG_TRUNC:
+                if flags & _MSG_TRUNC:
                     data = data + b"\0"  # any truncated datagram is too long to be valid
                 src = socket.inet_aton(addr[0]) + addr[1].to_bytes(2, "big")
                 reply = handle(data, src, clock())
