@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive", type=_keepalive, default=25, metavar="S",
                    help="persistent keepalive set with each endpoint (default 25)")
     p.add_argument("--interval", type=_positive, default=20.0, metavar="S",
-                   help="daemon: re-register and re-ask every S seconds (default 20, below "
-                        "the ~30 s UDP timeout of many NATs)")
+                   help="daemon: re-register at least every S seconds (default 20, below "
+                        "the ~30 s UDP timeout of many NATs); each peer is re-asked every "
+                        "S/2, so a peer whose NAT rebinds is followed within about S")
     p.add_argument("--poll", type=_positive, default=1.0, metavar="S",
                    help="how often to ask again for a peer the server does not know yet "
                         "(default 1)")

@@ -148,6 +148,12 @@ class Client:
                  short_key(device.public_key), device.listen_port, len(device.peers),
                  server[0], server[1], " (daemon)" if opts.daemon else "")
 
+    def summary(self) -> str:
+        c = self.machine.counters
+        ignored = self.channel.ignored if self.channel is not None else 0
+        return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
+                f"malformed={c.malformed} applied={c.applied} ignored_packets={ignored}")
+
     def close(self) -> None:
         if self.channel is not None:
             self.channel.close()
@@ -211,6 +217,7 @@ class Client:
         self.poller.register(self.channel.fileno(), select.POLLIN)
         self.poller.register(self._wake_r.fileno(), select.POLLIN)
         next_refresh = start + opts.device_refresh
+        next_summary = start + 600
         self.last_reply = start
         warned_silent = False
         self._take_replies()  # an early reply may already be in
@@ -219,6 +226,9 @@ class Client:
             for send in machine.poll(now):
                 log.debug("asking for %s", short_key(send.peer))
                 self.channel.send_to_server(send.payload)
+            if opts.daemon and now >= next_summary:
+                log.info("counters: %s", self.summary())
+                next_summary = now + 600
             if now >= next_refresh:
                 self.refresh_device(now)
                 next_refresh = now + (0.2 if opts.wait and machine.done() else opts.device_refresh)
@@ -292,6 +302,9 @@ def run(opts: Options) -> Result:
         signal.signal(sig, client.stop)
     try:
         client.open()
-        return client.run()
+        try:
+            return client.run()
+        finally:
+            log.info("counters: %s", client.summary())
     finally:
         client.close()

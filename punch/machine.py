@@ -33,7 +33,14 @@ class Timing:
     request_timeout: float = 1.0   # a request without a reply by then is lost
     poll: float = 1.0              # retry a peer the server does not know yet
     backoff_max: float = 8.0       # cap of the doubling retry delay after lost requests
-    interval: float = 20.0         # daemon: re-register and re-ask this often
+    interval: float = 20.0         # daemon: re-register at least this often
+
+    @property
+    def recheck(self) -> float:
+        """Daemon: how often each peer is re-asked (every request also re-registers us).
+        Half the interval, so a peer whose NAT rebinds is followed within about one
+        interval: up to half of it until the peer re-registers, half until we ask."""
+        return self.interval / 2
     keepalive: int = 25            # persistent keepalive applied with an endpoint
     dead_margin: float = 5.0       # flat rx for keepalive + this = looks dead
 
@@ -189,7 +196,7 @@ class Punch:
             return []
         action = self._decide(st, answer, now)
         st.answer = answer
-        st.due = now + (self.timing.interval if self.daemon else float("inf"))
+        st.due = now + (self.timing.recheck if self.daemon else float("inf"))
         if action is None:
             if st.status is not Status.APPLIED:
                 st.status = Status.KEPT

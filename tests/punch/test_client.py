@@ -83,6 +83,8 @@ def test_two_peers_find_each_other_and_handshake(ns):
     assert peer_of_a[7] == "25" and peer_of_b[7] == "25", (a_err, b.stderr)  # persistent keepalive
     assert int(peer_of_a[4]) > 0 and int(peer_of_b[4]) > 0  # latest handshake
     assert "endpoint 127.0.0.1:51820 (no endpoint)" in b.stderr
+    assert re.search(r"counters: requests=1 replies=1 lost=0 late=0 malformed=0 applied=1 "
+                     r"ignored_packets=\d+", b.stderr), b.stderr
 
 
 def test_unknown_peer_exits_7_and_names_it(ns):
