@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rendezvous.classic import DEFAULT_PORT, Endpoint
-from rendezvous.service import short_key
+from rendezvous.classic import DEFAULT_PORT, short_key
 
 from .errors import BadInterface, NotPermitted, PunchError, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Status, Timing

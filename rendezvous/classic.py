@@ -13,6 +13,7 @@ Pure functions on bytes; no I/O.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ __all__ = [
     "Request",
     "decode_reply",
     "encode_reply",
+    "format_endpoint",
+    "short_key",
 ]
 
 DEFAULT_PORT = 49918
@@ -108,3 +111,13 @@ def decode_reply(data: bytes) -> Endpoint | None:
     if len(data) != REPLY_LEN:
         raise ClassicError(f"classic reply must be 0 or {REPLY_LEN} bytes, got {len(data)}")
     return Endpoint.unpack(data)
+
+
+def short_key(key: bytes) -> str:
+    """A key as people see it in `wg` output, shortened: the first 8 base64 characters."""
+    return base64.b64encode(key).decode()[:8] + "…"
+
+
+def format_endpoint(packed: bytes) -> str:
+    """A packed 4-byte IPv4 + 2-byte port as ip:port."""
+    return f"{'.'.join(str(b) for b in packed[:4])}:{int.from_bytes(packed[4:6], 'big')}"

@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import mmsg
-from .service import Service, format_endpoint, short_key
+from .classic import format_endpoint, short_key
+from .service import Service
 
 __all__ = ["ListenError", "Server", "ServerOptions", "open_socket"]
 

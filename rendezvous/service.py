@@ -14,14 +14,13 @@ Differences from the upstream example, on purpose:
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 
 from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
 from .ratelimit import RateLimiter
 from .registry import Registry
 
-__all__ = ["Config", "Counters", "Service", "short_key", "format_endpoint"]
+__all__ = ["Config", "Counters", "Service"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +86,3 @@ class Service:
             "expired": r.expired,
             "peers": len(self.registry),
         }
-
-
-def short_key(key: bytes) -> str:
-    """A key as people see it in `wg` output, shortened: the first 8 base64 characters."""
-    return base64.b64encode(key).decode()[:8] + "…"
-
-
-def format_endpoint(packed: bytes) -> str:
-    return f"{'.'.join(str(b) for b in packed[:4])}:{int.from_bytes(packed[4:6], 'big')}"

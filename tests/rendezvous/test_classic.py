@@ -1,7 +1,7 @@
 import pytest
 
-from rendezvous.classic import (ClassicError, Endpoint, Request, decode_reply, encode_reply,
-                                REQUEST_LEN)
+from rendezvous.classic import (REQUEST_LEN, ClassicError, Endpoint, Request, decode_reply,
+                                encode_reply, format_endpoint, short_key)
 
 A = bytes(range(32))
 B = bytes(range(32, 64))
@@ -50,3 +50,8 @@ def test_endpoint_round_trip_edges():
 def test_endpoint_invalid(ip, port):
     with pytest.raises(ClassicError):
         Endpoint(ip, port)
+
+
+def test_formatting_helpers():
+    assert format_endpoint(bytes([198, 51, 100, 1]) + (40000).to_bytes(2, "big")) == "198.51.100.1:40000"
+    assert short_key(bytes(32)) == "AAAAAAAA…"

@@ -1,5 +1,5 @@
 from rendezvous.classic import ZERO_KEY
-from rendezvous.service import Config, Service, format_endpoint, short_key
+from rendezvous.service import Config, Service
 
 A, B = b"A" * 32, b"B" * 32
 SRC_A = bytes([198, 51, 100, 1]) + (40000).to_bytes(2, "big")
@@ -55,8 +55,3 @@ def test_reply_never_longer_than_request():
     s.handle(B + B, SRC_B, 0.0)
     reply = s.handle(A + B, SRC_A, 0.0)
     assert reply is not None and len(reply) <= 64
-
-
-def test_formatting_helpers():
-    assert format_endpoint(SRC_A) == "198.51.100.1:40000"
-    assert short_key(bytes(32)) == "AAAAAAAA…"
