@@ -5,6 +5,8 @@
 as wireguard-tools does. Never runs the ``wg`` binary.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .backend import Backend
 from .errors import (
     BackendTimeout,
@@ -19,10 +21,21 @@ from .errors import (
 )
 from .link import link_exists, link_up
 from .model import Device, Peer
-from .netlink import NetlinkBackend
 from .selection import open_backend
 from .uapi_backend import DEFAULT_UAPI_DIR, UapiBackend
 from .x25519 import public_from_private
+
+if TYPE_CHECKING:
+    from .netlink import NetlinkBackend
+
+
+def __getattr__(name: str) -> Any:
+    """NetlinkBackend loads on first use: a UAPI device never needs it."""
+    if name == "NetlinkBackend":
+        from .netlink import NetlinkBackend
+
+        return NetlinkBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Backend",

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .backend import Backend
 from .errors import BackendUnavailable
-from .netlink import NetlinkBackend
 from .uapi_backend import DEFAULT_TIMEOUT, DEFAULT_UAPI_DIR, UapiBackend, uapi_socket_path
 
 __all__ = ["open_backend"]
@@ -32,6 +31,8 @@ def open_backend(ifname: str, uapi_dir: Path = DEFAULT_UAPI_DIR, *,
         log.debug("%s: using the userspace socket %s", ifname, path)
         return UapiBackend(ifname, uapi_dir=uapi_dir, timeout=timeout)
     try:
+        from .netlink import NetlinkBackend  # only without a UAPI socket
+
         backend = NetlinkBackend(ifname)
     except BackendUnavailable as e:
         raise BackendUnavailable(f"{ifname}: no WireGuard kernel module and no userspace socket "

@@ -52,10 +52,12 @@ def wg_dump(ifname: str, argv_prefix: Sequence[str] = ()) -> Device:
 
 
 def comparable(dev: Device, counters: bool = True) -> Device:
-    """DEV with handshake times truncated to whole seconds (wg prints seconds) and, unless
-    COUNTERS, byte counters zeroed (traffic may move them between two reads)."""
-    peers = tuple(Peer(p.public_key, p.endpoint,
+    """DEV with handshake times truncated to whole seconds (wg prints seconds), peers in
+    key order (`wg show` sorts them its own way) and, unless COUNTERS, byte counters
+    zeroed (traffic may move them between two reads)."""
+    peers = tuple(sorted((Peer(p.public_key, p.endpoint,
                        None if p.last_handshake is None else float(int(p.last_handshake)),
                        p.rx_bytes if counters else 0, p.tx_bytes if counters else 0,
-                       p.keepalive, p.allowed_ips) for p in dev.peers)
+                       p.keepalive, p.allowed_ips) for p in dev.peers),
+                         key=lambda p: p.public_key))
     return Device(dev.name, dev.public_key, dev.private_key, dev.listen_port, dev.fwmark, peers)
