@@ -32,6 +32,8 @@ __all__ = [
 class Timing:
     request_timeout: float = 1.0   # a request without a reply by then is lost
     poll: float = 1.0              # retry a peer the server does not know yet
+    first_poll: float = 0.25       # ... but sooner at first (doubling up to poll): two
+                                   # peers started together find each other fast
     backoff_max: float = 8.0       # cap of the doubling retry delay after lost requests
     interval: float = 20.0         # daemon: re-register at least this often
 
@@ -104,6 +106,7 @@ class PeerState:
     status: Status = Status.ASKING
     due: float = 0.0
     lost: int = 0              # consecutive lost requests
+    misses: int = 0            # consecutive "not found" answers
     answer: Endpoint | None = None   # the server's latest answer
     applied: Endpoint | None = None  # what we last applied
     applied_at: float | None = None
@@ -144,6 +147,9 @@ class Punch:
         self.counters = Counters()
         self.replied = False  # has the server ever answered?
         self._inflight: _InFlight | None = None
+        # After a timeout, a late reply may still come; until then only the lost peer
+        # is asked again (the same question), never another peer (a misattribution).
+        self._quiet: tuple[bytes, float] | None = None
 
     # -- inputs ---------------------------------------------------------------------
 
@@ -192,8 +198,11 @@ class Punch:
         if answer is None:
             if not st.resolved:
                 st.status = Status.NOT_FOUND
-            st.due = now + self.timing.poll
+            t = self.timing
+            st.due = now + min(t.first_poll * 2 ** st.misses, t.poll)
+            st.misses += 1
             return []
+        st.misses = 0
         action = self._decide(st, answer, now)
         st.answer = answer
         st.due = now + (self.timing.recheck if self.daemon else float("inf"))
@@ -217,13 +226,23 @@ class Punch:
         if inflight is not None and now >= inflight.deadline:
             self._inflight = None
             self.counters.lost += 1
+            self._quiet = (inflight.peer, now + self.timing.request_timeout / 2)
             st = self.peers.get(inflight.peer)
             if st is not None:
                 st.lost += 1
-                delay = min(self.timing.poll * 2 ** (st.lost - 1), self.timing.backoff_max)
+                # The timeout already waited once: retry the first loss at once, then
+                # back off, doubling from poll up to backoff_max.
+                delay = 0.0 if st.lost == 1 else min(self.timing.poll * 2 ** (st.lost - 2),
+                                                     self.timing.backoff_max)
                 st.due = now + delay
         if self._inflight is None and self.my_key is not None:
-            st = min(self.peers.values(), key=lambda s: s.due, default=None)
+            candidates = self.peers.values()
+            if self._quiet is not None:
+                if now < self._quiet[1]:
+                    candidates = [s for s in candidates if s.key == self._quiet[0]]
+                else:
+                    self._quiet = None
+            st = min(candidates, key=lambda s: s.due, default=None)
             if st is not None and st.due <= now:
                 self._inflight = _InFlight(st.key, now + self.timing.request_timeout)
                 self.counters.sent += 1
@@ -234,7 +253,11 @@ class Punch:
         """The earliest time poll() has something to do."""
         if self._inflight is not None:
             return self._inflight.deadline
-        return min((s.due for s in self.peers.values()), default=float("inf"))
+        due = min((s.due for s in self.peers.values()), default=float("inf"))
+        if self._quiet is not None:
+            lost = self.peers.get(self._quiet[0])
+            due = min(max(due, self._quiet[1]), lost.due if lost else float("inf"))
+        return due
 
     # -- queries --------------------------------------------------------------------
 

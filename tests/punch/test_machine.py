@@ -11,7 +11,7 @@ E1 = Endpoint("198.51.100.7", 40001)
 E1B = Endpoint("198.51.100.7", 40999)
 E2 = Endpoint("203.0.113.9", 51820)
 T = Timing(request_timeout=1.0, poll=1.0, backoff_max=8.0, interval=20.0, keepalive=25,
-           dead_margin=5.0)
+           dead_margin=5.0, first_poll=1.0)
 
 
 def dev(*peers: PeerView) -> DeviceView:
@@ -41,32 +41,42 @@ def test_asks_for_each_peer_one_at_a_time():
 def test_lost_request_times_out_and_backs_off_exponentially():
     m = Punch(T)
     m.update_device(0.0, dev(PeerView(P1)))
-    only_send(m.poll(0.0))
-    assert m.next_wakeup() == 1.0
-    assert m.poll(1.0) == []  # timed out: retry after poll * 2**0
-    assert m.counters.lost == 1
-    only_send(m.poll(2.0))
-    assert m.poll(3.0) == []  # lost again: retry after 2 s
-    assert m.poll(4.9) == []
-    only_send(m.poll(5.0))
-    for _ in range(6):  # the delay doubles up to backoff_max
-        t = m.next_wakeup()
-        m.poll(t)
-        t2 = m.next_wakeup()
-        only_send(m.poll(t2))
-    assert m.next_wakeup() - t2 == 1.0  # request timeout
-    m.poll(m.next_wakeup())
-    assert m.peers[P1].due - m.next_wakeup() == 0 and m.peers[P1].lost == 9
-    assert m.peers[P1].due - (t2 + 1.0) == 8.0
+    sends = []
+    now = 0.0
+    while len(sends) < 7:  # every request is lost
+        out = m.poll(now)
+        if out:
+            only_send(out)
+            sends.append(now)
+        now = m.next_wakeup()
+    # 1 s timeout each; the first retry at once, then 1, 2, 4, 8, 8 s of backoff
+    assert [b - a for a, b in zip(sends, sends[1:])] == [1.0, 2.0, 3.0, 5.0, 9.0, 9.0]
+    assert m.counters.lost == 6 and m.peers[P1].lost == 6
 
 
 def test_late_reply_is_discarded():
     m = Punch(T)
     m.update_device(0.0, dev(PeerView(P1)))
     only_send(m.poll(0.0))
-    m.poll(1.0)  # lost
-    assert m.on_reply(1.5, E1.packed()) == []
+    only_send(m.poll(1.0))  # lost: asked again at once
+    assert m.poll(2.0) == []  # lost again: now it backs off, nothing in flight
+    assert m.on_reply(2.5, E1.packed()) == []
     assert m.counters.late == 1 and not m.done()
+
+
+def test_no_other_peer_is_asked_while_a_late_reply_may_come():
+    """Classic replies do not name the peer: after a timeout for P1, a reply to P1 may
+    still arrive. Asking for P2 then would take that answer for P2's."""
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1), PeerView(P2)))
+    first = only_send(m.poll(0.0)).peer
+    other = P2 if first == P1 else P1
+    again = only_send(m.poll(1.0))  # timeout: the same question goes out again at once
+    assert again.peer == first
+    m.poll(2.0)  # lost again; backoff 1 s for FIRST, quiet until 2.5 for others
+    assert m.next_wakeup() == 2.5
+    assert m.poll(2.4) == []
+    assert only_send(m.poll(2.5)).peer == other
 
 
 def test_reply_after_deadline_but_before_poll_is_late():
@@ -87,6 +97,25 @@ def test_not_found_is_retried_at_poll_interval():
     only_send(m.poll(1.1))
     [a] = m.on_reply(1.2, E1.packed())
     assert a.reason == "no endpoint" and m.done()
+
+
+def test_not_found_is_asked_again_soon_at_first():
+    m = Punch(Timing(poll=1.0, first_poll=0.25))
+    m.update_device(0.0, dev(PeerView(P1)))
+    asked = []
+    now = 0.0
+    for _ in range(5):
+        only_send(m.poll(now))
+        asked.append(now)
+        m.on_reply(now, b"")
+        now = m.next_wakeup()
+    gaps = [round(b - a, 3) for a, b in zip(asked, asked[1:])]
+    assert gaps == [0.25, 0.5, 1.0, 1.0]
+    [a] = m.on_reply(now, b"") or [None]  # (a late reply: nothing in flight)
+    assert a is None
+    only_send(m.poll(now))
+    m.on_reply(now, E1.packed())
+    assert m.peers[P1].misses == 0
 
 
 def test_malformed_reply_is_counted_and_ignored():
