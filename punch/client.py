@@ -7,19 +7,22 @@ No decisions are made here beyond *when to stop*, which depends on the mode.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import signal
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rendezvous.classic import DEFAULT_PORT, short_key
 
-from .errors import BadInterface, NotPermitted, PunchError, ServerUnresolvable
+from .errors import BadInterface, NotPermitted, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Status, Timing
+
+if TYPE_CHECKING:
+    from .rawsock import RawChannel
+    from .wg import Backend, Device
 
 __all__ = ["Options", "Result", "resolve_server", "run"]
 
@@ -78,12 +81,14 @@ def _link_is_up(ifname: str) -> bool | None:
         return None
 
 
-def _view(device: object, wall: float) -> DeviceView:
+def _view(device: Device, wall: float) -> DeviceView:
+    """The machine's view of DEVICE: handshake times become ages (seconds ago)."""
     peers = []
-    for p in device.peers:  # type: ignore[attr-defined]
+    for p in device.peers:
         age = wall - p.last_handshake if p.last_handshake else None
         peers.append(PeerView(p.public_key, p.endpoint, age, p.rx_bytes, p.keepalive))
-    return DeviceView(device.public_key, tuple(peers))  # type: ignore[attr-defined]
+    assert device.public_key is not None
+    return DeviceView(device.public_key, tuple(peers))
 
 
 class Client:
@@ -93,8 +98,9 @@ class Client:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.backend = None
-        self.channel = None
+        self.backend: Backend | None = None
+        self.channel: RawChannel | None = None
+        self.device: Device | None = None
         self.machine = Punch(opts.timing, daemon=opts.daemon, only=opts.peers)
 
     def stop(self, *_: object) -> None:
@@ -204,7 +210,7 @@ class Client:
     def run(self) -> Result:
         opts = self.opts
         machine = self.machine
-        assert self.channel is not None
+        assert self.channel is not None and self.device is not None
         clock = time.monotonic
         start = clock()
         deadline = start + opts.timeout if not opts.daemon else float("inf")
@@ -265,7 +271,8 @@ class Client:
         if now < deadline:
             return None
         if not machine.replied:
-            s = self.channel.server  # type: ignore[union-attr]
+            assert self.channel is not None
+            s = self.channel.server
             return Result(EXIT_SILENT, f"no reply from the server {s[0]}:{s[1]} within "
                           f"{self.opts.timeout:g}s (is wg-rendezvous running there, and is "
                           f"UDP port {s[1]} open?)")

@@ -18,7 +18,8 @@ the one the server saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 from rendezvous.classic import REPLY_LEN, ClassicError, Endpoint, Request, decode_reply
@@ -236,7 +237,7 @@ class Punch:
                                                      self.timing.backoff_max)
                 st.due = now + delay
         if self._inflight is None and self.my_key is not None:
-            candidates = self.peers.values()
+            candidates: Iterable[PeerState] = self.peers.values()
             if self._quiet is not None:
                 if now < self._quiet[1]:
                     candidates = [s for s in candidates if s.key == self._quiet[0]]

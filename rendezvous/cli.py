@@ -6,7 +6,8 @@ import argparse
 import ipaddress
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .classic import DEFAULT_PORT
 from .server import ListenError, Server, ServerOptions
@@ -55,8 +56,8 @@ def _port(text: str) -> int:
     return port
 
 
-def _nonneg(kind: type) -> object:
-    def parse(text: str) -> object:
+def _nonneg(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:

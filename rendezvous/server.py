@@ -157,12 +157,12 @@ class Server:
 
     def _mmsg_reader(self, sock: socket.socket, batch: mmsg.Batch) -> Callable[[], None]:
         fd = sock.fileno()
-        handle = self.service.handle
-        if self.options.verbose:
-            def handle(data: bytes, src: bytes, now: float) -> bytes | None:
-                reply = self.service.handle(data, src, now)
-                self._log_request(data, src, reply)
-                return reply
+        def logged(data: bytes, src: bytes, now: float) -> bytes | None:
+            reply = self.service.handle(data, src, now)
+            self._log_request(data, src, reply)
+            return reply
+
+        handle = logged if self.options.verbose else self.service.handle
         clock = self.clock
 
         def read() -> None:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.nstools import py_env, stop
+from tests.nstools import py_env
 
 A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
 
