@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rendezvous.classic import DEFAULT_PORT, short_key
 
 from .errors import BadInterface, NotPermitted, ServerUnresolvable
-from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Status, Timing
+from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
     from .rawsock import RawChannel
@@ -266,7 +266,7 @@ class Client:
         machine = self.machine
         if machine.done() and not self.opts.wait:
             return Result(EXIT_OK)
-        if machine.done() and self.opts.wait and not self._without_handshake(now):
+        if machine.done() and self.opts.wait and not machine.without_handshake(now):
             return Result(EXIT_OK)
         if now < deadline:
             return None
@@ -281,25 +281,12 @@ class Client:
             names = ", ".join(short_key(p.key) for p in pending)
             return Result(EXIT_NOT_FOUND, f"the server does not know peer(s) {names}: "
                           "they have not run wg-punch against this server recently")
-        silent = self._without_handshake(now)
+        silent = machine.without_handshake(now)
         names = ", ".join(f"{short_key(p.key)} at {p.answer}" for p in silent)
         return Result(EXIT_NO_HANDSHAKE, f"no handshake with {names}: WireGuard got no answer "
                       "at the endpoint the server reported; a destination-dependent "
                       "(symmetric) NAT on either side is the likely cause, or a firewall "
                       "that drops UDP")
-
-    def _without_handshake(self, now: float) -> list:
-        """Resolved peers with no handshake since we applied their endpoint."""
-        out = []
-        for st in self.machine.peers.values():
-            view = st.view
-            age = view.handshake_age if view else None
-            if age is None:
-                out.append(st)
-            elif st.status is Status.APPLIED and st.applied_at is not None and \
-                    age > now - st.applied_at + 1.0:
-                out.append(st)  # the handshake we see predates our endpoint
-        return out
 
 
 def run(opts: Options) -> Result:

@@ -269,6 +269,19 @@ class Punch:
     def done(self) -> bool:
         return not self.pending()
 
+    def without_handshake(self, now: float) -> list[PeerState]:
+        """Peers with no handshake at all, or none since we applied their endpoint
+        (a handshake older than our change was made at the old endpoint)."""
+        out = []
+        for st in self.peers.values():
+            age = st.view.handshake_age if st.view else None
+            if age is None:
+                out.append(st)
+            elif (st.status is Status.APPLIED and st.applied_at is not None
+                  and age > now - st.applied_at + 1.0):
+                out.append(st)
+        return out
+
     # -- policy ---------------------------------------------------------------------
 
     def _looks_dead(self, st: PeerState, now: float) -> bool:

@@ -202,3 +202,23 @@ def test_only_restricts_the_peer_set():
 def test_nothing_is_sent_before_the_device_is_known():
     m = Punch(T)
     assert m.poll(0.0) == [] and m.next_wakeup() == float("inf")
+
+
+def test_without_handshake_ignores_handshakes_older_than_our_endpoint():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1, ("10.0.0.5", 51820))))
+    only_send(m.poll(0.0))
+    [a] = m.on_reply(0.1, E1.packed())  # no handshake yet: the server's endpoint is applied
+    assert a.endpoint == E1
+    # WireGuard shows a handshake from 65 s ago, before we applied at 0.1: it does not count
+    m.update_device(5.0, dev(PeerView(P1, (E1.ip, E1.port), handshake_age=65.0)))
+    assert [s.key for s in m.without_handshake(5.0)] == [P1]
+    # a fresh handshake (1 s ago, after we applied at 0.1) counts
+    m.update_device(6.0, dev(PeerView(P1, (E1.ip, E1.port), handshake_age=1.0)))
+    assert m.without_handshake(6.0) == []
+
+
+def test_without_handshake_lists_peers_never_seen():
+    m = Punch(T)
+    m.update_device(0.0, dev(PeerView(P1), PeerView(P2, ("10.0.0.5", 1), handshake_age=3.0)))
+    assert [s.key for s in m.without_handshake(0.0)] == [P1]
