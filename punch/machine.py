@@ -7,62 +7,22 @@ endpoints to apply) and says when it next needs to be woken. No sockets, no cloc
 Classic replies do not say which peer they answer, so at most one request is in flight
 at a time; a reply that arrives when none is in flight (a late one) is discarded.
 
-Endpoint policy: the server's answer for a peer is applied when
-  1. WireGuard has no endpoint for the peer, or no handshake with it yet; or
-  2. the answer differs from the one we last applied (the peer's NAT rebound); or
-  3. the peer looks dead (received bytes flat for longer than its keepalive plus a
-     margin) and the answer differs from the endpoint WireGuard uses now.
-Otherwise WireGuard keeps what it has: it may have roamed to a better endpoint than
-the one the server saw.
+The endpoint policy (when the server's answer is applied) is :mod:`punch.policy`,
+shared with the v2 machine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import Enum
 
 from rendezvous.classic import REPLY_LEN, ClassicError, Endpoint, Request, decode_reply
+
+from .policy import DeviceView, PeerView, Status, Timing, apply_reason, looks_dead
 
 __all__ = [
     "Apply", "DeviceView", "Keepalive", "PeerState", "PeerView", "Punch", "Send", "Status", "Timing",
 ]
-
-
-@dataclass(frozen=True)
-class Timing:
-    request_timeout: float = 1.0   # a request without a reply by then is lost
-    poll: float = 1.0              # retry a peer the server does not know yet
-    first_poll: float = 0.25       # ... but sooner at first (doubling up to poll): two
-                                   # peers started together find each other fast
-    backoff_max: float = 8.0       # cap of the doubling retry delay after lost requests
-    interval: float = 20.0         # daemon: re-register at least this often
-
-    @property
-    def recheck(self) -> float:
-        """Daemon: how often each peer is re-asked (every request also re-registers us).
-        Half the interval, so a peer whose NAT rebinds is followed within about one
-        interval: up to half of it until the peer re-registers, half until we ask."""
-        return self.interval / 2
-    keepalive: int = 25            # persistent keepalive applied with an endpoint
-    dead_margin: float = 5.0       # flat rx for keepalive + this = looks dead
-
-
-@dataclass(frozen=True)
-class PeerView:
-    """One peer as WireGuard reports it (endpoint and handshake age may be absent)."""
-
-    key: bytes
-    endpoint: tuple[str, int] | None = None  # may be IPv6: compared, never parsed
-    handshake_age: float | None = None  # seconds since the latest handshake
-    rx_bytes: int = 0
-    keepalive: int = 0
-
-
-@dataclass(frozen=True)
-class DeviceView:
-    my_key: bytes
-    peers: tuple[PeerView, ...]
 
 
 @dataclass(frozen=True)
@@ -92,13 +52,6 @@ class Keepalive:
 
 
 Action = Apply | Keepalive
-
-
-class Status(Enum):
-    ASKING = "asking"          # no answer from the server yet
-    NOT_FOUND = "not found"    # the server does not know the peer (yet)
-    APPLIED = "applied"        # we set the server's endpoint
-    KEPT = "kept"              # WireGuard's endpoint is fine as it is
 
 
 @dataclass
@@ -285,22 +238,8 @@ class Punch:
     # -- policy ---------------------------------------------------------------------
 
     def _looks_dead(self, st: PeerState, now: float) -> bool:
-        view = st.view
-        keepalive = (view.keepalive if view and view.keepalive else self.timing.keepalive)
-        return now - st.rx_changed_at > keepalive + self.timing.dead_margin
+        return looks_dead(st.view, st.rx_changed_at, now, self.timing)
 
     def _decide(self, st: PeerState, answer: Endpoint, now: float) -> Apply | None:
-        view = st.view
-        current = view.endpoint if view else None
-        ours = (answer.ip, answer.port)
-        keepalive = self.timing.keepalive
-        if current is None or view is None or view.handshake_age is None:
-            if current == ours and st.applied == answer:
-                return None  # already set by us; the handshake is WireGuard's business
-            return Apply(st.key, answer, keepalive, "no endpoint" if current is None
-                         else "no handshake yet")
-        if st.applied is not None and answer != st.applied:
-            return Apply(st.key, answer, keepalive, f"peer moved from {st.applied}")
-        if self._looks_dead(st, now) and ours != current:
-            return Apply(st.key, answer, keepalive, "peer looks dead")
-        return None
+        reason = apply_reason(st.view, st.applied, answer, self._looks_dead(st, now))
+        return None if reason is None else Apply(st.key, answer, self.timing.keepalive, reason)
