@@ -1,0 +1,230 @@
+"""Sealing and opening v2 datagrams (docs/PROTOCOL.md, "Keys").
+
+    ss    = X25519(client_private, server_public)      (all-zero ss refused)
+    okm   = HKDF-SHA256(ss, salt="wgpunch v2 rendezvous", info=client_pub || server_pub, 64)
+    k_c2s = okm[:32]  seals requests;  k_s2c = okm[32:]  seals replies and notifies
+
+Every message is ChaCha20-Poly1305 under its direction's key with a random 12-byte
+nonce carried in the message and the cleartext header (plus, for a request, the
+client's public key) as associated data.
+
+Pure functions on bytes, no I/O. A datagram that does not authenticate raises
+:class:`AuthError`; one that is malformed (header, length, plaintext fields) raises
+:class:`~rendezvous.v2.wire.WireError`. Nothing else escapes for any input bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from rendezvous.v2.wire import (
+    HEADER_LEN,
+    KEY_LEN,
+    NONCE_LEN,
+    REQUEST_AD_LEN,
+    REQUEST_LEN,
+    SERVER_MSG_OVERHEAD,
+    MsgType,
+    NotifyBody,
+    ReplyBody,
+    RequestBody,
+    WireError,
+    header,
+    parse_header,
+)
+
+__all__ = [
+    "KDF_SALT",
+    "AuthError",
+    "ClientCrypto",
+    "ServerCrypto",
+    "derive_keys",
+    "x25519",
+]
+
+KDF_SALT = b"wgpunch v2 rendezvous"
+_ZERO32 = bytes(32)
+_HDR_REQUEST = header(MsgType.REQUEST)
+_HDR_REPLY = header(MsgType.REPLY)
+_HDR_NOTIFY = header(MsgType.NOTIFY)
+_NONCE_END = REQUEST_AD_LEN + NONCE_LEN  # where a request's ciphertext starts
+
+
+class AuthError(Exception):
+    """A datagram that does not open: wrong key, tampered, truncated tag, or a
+    public key whose shared secret is all zero (low order)."""
+
+
+def _check_key(name: str, key: bytes) -> bytes:
+    if not isinstance(key, (bytes, bytearray, memoryview)) or len(key) != KEY_LEN:
+        size = len(key) if isinstance(key, (bytes, bytearray, memoryview)) else type(key).__name__
+        raise ValueError(f"{name} must be {KEY_LEN} bytes, got {size}")
+    return bytes(key)
+
+
+def _nonce(nonce: bytes | None) -> bytes:
+    if nonce is None:
+        return os.urandom(NONCE_LEN)
+    if len(nonce) != NONCE_LEN:
+        raise ValueError(f"nonce must be {NONCE_LEN} bytes, got {len(nonce)}")
+    return bytes(nonce)
+
+
+def x25519(private: X25519PrivateKey, public: bytes) -> bytes:
+    """The shared secret; :class:`AuthError` for a low-order ``public`` (all-zero result)."""
+    try:
+        shared = private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as e:  # OpenSSL refuses an all-zero result itself
+        raise AuthError(f"X25519 with public key {bytes(public).hex()} failed: {e}") from None
+    if shared == _ZERO32:
+        raise AuthError(f"X25519 with public key {bytes(public).hex()} gives an all-zero secret")
+    return shared
+
+
+def derive_keys(shared: bytes, client_pub: bytes, server_pub: bytes) -> tuple[bytes, bytes]:
+    """``(k_c2s, k_s2c)`` from the static-static secret; all-zero ``shared`` is an AuthError."""
+    shared = _check_key("shared secret", shared)
+    if shared == _ZERO32:
+        raise AuthError("the X25519 shared secret is all zero (a low-order public key)")
+    info = _check_key("client_pub", client_pub) + _check_key("server_pub", server_pub)
+    okm = HKDF(algorithm=SHA256(), length=64, salt=KDF_SALT, info=info).derive(shared)
+    return okm[:32], okm[32:]
+
+
+def _open_server_msg(aead: ChaCha20Poly1305, datagram: bytes) -> ReplyBody | NotifyBody:
+    t = parse_header(datagram)
+    if t is MsgType.REQUEST:
+        raise WireError("type 1 (request) is not a message for a client")
+    if len(datagram) < SERVER_MSG_OVERHEAD:
+        raise WireError(f"{t.name.lower()} of {len(datagram)} bytes is shorter than {SERVER_MSG_OVERHEAD}")
+    data = bytes(datagram)
+    nonce_end = HEADER_LEN + NONCE_LEN
+    try:
+        plain = aead.decrypt(data[HEADER_LEN:nonce_end], data[nonce_end:], data[:HEADER_LEN])
+    except InvalidTag:
+        raise AuthError(f"{t.name.lower()} of {len(data)} bytes does not authenticate") from None
+    return ReplyBody.from_bytes(plain) if t is MsgType.REPLY else NotifyBody.from_bytes(plain)
+
+
+class ClientCrypto:
+    """One client's view: its private key and the pinned server public key."""
+
+    def __init__(self, client_private: bytes, server_public: bytes) -> None:
+        private = X25519PrivateKey.from_private_bytes(_check_key("client_private", client_private))
+        self.client_public: bytes = private.public_key().public_bytes_raw()
+        self.server_public: bytes = _check_key("server_public", server_public)
+        k_c2s, k_s2c = derive_keys(x25519(private, self.server_public), self.client_public, self.server_public)
+        self._seal = ChaCha20Poly1305(k_c2s)
+        self._open = ChaCha20Poly1305(k_s2c)
+        self._ad = _HDR_REQUEST + self.client_public
+
+    def seal_request_bytes(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+        """A request datagram around any plaintext (tests use this for longer ones)."""
+        nonce = _nonce(nonce)
+        return self._ad + nonce + self._seal.encrypt(nonce, bytes(plaintext), self._ad)
+
+    def seal_request(self, body: RequestBody, nonce: bytes | None = None) -> bytes:
+        """The 116-byte request datagram; ``nonce`` is random unless given (tests)."""
+        return self.seal_request_bytes(body.to_bytes(), nonce)
+
+    def open(self, datagram: bytes) -> ReplyBody | NotifyBody:
+        """Open a reply or notify from the server (WireError / AuthError)."""
+        return _open_server_msg(self._open, datagram)
+
+
+class ServerCrypto:
+    """The server's key and a bounded LRU of per-client AEADs.
+
+    Only a datagram that authenticates (or a seal for a key) adds a cache entry, so
+    forged datagrams with random keys cost an X25519 each but never evict genuine
+    clients. ``cache_hits`` / ``cache_misses`` count lookups.
+    """
+
+    def __init__(self, server_private: bytes, cache_size: int = 65536) -> None:
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size {cache_size!r} is not a non-negative integer")
+        self._private = X25519PrivateKey.from_private_bytes(_check_key("server_private", server_private))
+        self.server_public: bytes = self._private.public_key().public_bytes_raw()
+        self.cache_size = cache_size
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self._cache: OrderedDict[bytes, tuple[ChaCha20Poly1305, ChaCha20Poly1305]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Number of cached client keys."""
+        return len(self._cache)
+
+    def _derive(self, client_pub: bytes) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305]:
+        k_c2s, k_s2c = derive_keys(x25519(self._private, client_pub), client_pub, self.server_public)
+        return ChaCha20Poly1305(k_c2s), ChaCha20Poly1305(k_s2c)
+
+    def _lookup(self, client_pub: bytes) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305] | None:
+        entry = self._cache.get(client_pub)
+        if entry is None:
+            self.cache_misses += 1
+        else:
+            self.cache_hits += 1
+            self._cache.move_to_end(client_pub)
+        return entry
+
+    def _store(self, client_pub: bytes, entry: tuple[ChaCha20Poly1305, ChaCha20Poly1305]) -> None:
+        if self.cache_size == 0:
+            return
+        self._cache[client_pub] = entry
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _aeads(self, client_pub: bytes) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305]:
+        client_pub = _check_key("client_pub", client_pub)
+        entry = self._lookup(client_pub)
+        if entry is None:
+            entry = self._derive(client_pub)
+            self._store(client_pub, entry)
+        return entry
+
+    def open_request(self, datagram: bytes) -> tuple[bytes, RequestBody]:
+        """``(client_public, body)`` of an authentic request; WireError / AuthError otherwise."""
+        if len(datagram) < REQUEST_LEN:
+            raise WireError(f"request of {len(datagram)} bytes is shorter than {REQUEST_LEN}")
+        t = parse_header(datagram)
+        if t is not MsgType.REQUEST:
+            raise WireError(f"type {int(t)} ({t.name.lower()}) is not a message for the server")
+        data = bytes(datagram)
+        client_pub = data[HEADER_LEN:REQUEST_AD_LEN]
+        entry = self._lookup(client_pub)
+        fresh = entry is None
+        if entry is None:
+            entry = self._derive(client_pub)
+        try:
+            plain = entry[0].decrypt(data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN])
+        except InvalidTag:
+            raise AuthError(f"request from key {client_pub.hex()} does not authenticate") from None
+        if fresh:
+            self._store(client_pub, entry)
+        return client_pub, RequestBody.from_bytes(plain)
+
+    def _seal(self, client_pub: bytes, hdr: bytes, plaintext: bytes, nonce: bytes | None) -> bytes:
+        aead = self._aeads(client_pub)[1]
+        nonce = _nonce(nonce)
+        return hdr + nonce + aead.encrypt(nonce, plaintext, hdr)
+
+    def seal_bytes(self, client_pub: bytes, t: MsgType, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+        """A reply or notify datagram around any plaintext (for tests of lax parsing)."""
+        if t not in (MsgType.REPLY, MsgType.NOTIFY):
+            raise ValueError(f"the server seals replies and notifies, not type {t!r}")
+        return self._seal(client_pub, header(t), bytes(plaintext), nonce)
+
+    def seal_reply(self, client_pub: bytes, body: ReplyBody, nonce: bytes | None = None) -> bytes:
+        """The reply datagram (70, 88 or 106 bytes) to the client ``client_pub``."""
+        return self._seal(client_pub, _HDR_REPLY, body.to_bytes(), nonce)
+
+    def seal_notify(self, client_pub: bytes, body: NotifyBody, nonce: bytes | None = None) -> bytes:
+        """The notify datagram (98 or 116 bytes) to the client ``client_pub``."""
+        return self._seal(client_pub, _HDR_NOTIFY, body.to_bytes(), nonce)
