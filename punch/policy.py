@@ -44,6 +44,8 @@ class Timing:
     dead_margin: float = 5.0       # flat rx for keepalive + this = looks dead
     v6_fallback: float = 4.0       # v2: an IPv6 endpoint without a handshake by then
                                    # gives way to the peer's IPv4 endpoint
+    max_inflight: int = 32         # v2: requests in flight at once (the server rate-
+                                   # limits each source: 200/s, bursts of 400, by default)
 
 
 @dataclass(frozen=True)

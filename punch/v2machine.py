@@ -1,0 +1,434 @@
+"""The protocol v2 punch state machine (docs/PROTOCOL.md): which requests to send when,
+which replies and notifications to believe, and which endpoints to apply.
+
+Pure, like :mod:`punch.machine`: the I/O loop feeds it the time (monotonic seconds,
+plus wall-clock nanoseconds for the request timestamps), the WireGuard device as last
+read, and the *opened* bodies of the server's messages with the address family they
+arrived on; it returns actions (request bodies to seal and send over a family,
+endpoints to apply) and says when it next needs to be woken. Request ids come from an
+injected random source, so tests are deterministic. No sockets, clocks or cryptography.
+
+Requests. Every peer is asked over every family the client can reach the server on
+(each request also registers our address for that family). Each question has its own
+random non-zero 32-bit id; many are in flight at once (at most
+:attr:`Timing.max_inflight`), and a reply is matched to its request by id: an id that
+is not in flight (a late reply, or one never sent) is counted and ignored. A request
+without a reply after ``request_timeout`` is lost: the first loss is retried at once,
+then the retry delay doubles from ``poll`` up to ``backoff_max``. While the server says
+"pending" (no mutual consent yet) the peer is asked again after 0.25 s, doubling to
+``poll``; the daemon re-asks every peer every ``interval / 2``.
+
+Timestamps. ``wall_ns + offset``, strictly increasing. A ``stale`` reply carries the
+lowest timestamp the server accepts next: the offset moves so the next timestamp is at
+least that, and the question is asked again at once (after three stale answers in a
+row, with the lost-request backoff).
+
+Endpoints. A ``found`` reply and a notify both carry the peer's endpoints (at most one
+per family). The peer's IPv6 endpoint is preferred when we have IPv6 too (the server
+has answered us over IPv6, so it saw an IPv6 address of ours), else its IPv4 one. An
+IPv6 endpoint that gives no handshake within ``v6_fallback`` seconds gives way to the
+peer's IPv4 endpoint (until the peer's IPv6 endpoint changes). Whether the chosen
+answer is applied follows the classic policy, :func:`punch.policy.apply_reason`.
+
+Notify. The server's notify is the coordinated punch: it is acted on at once, but
+only if its ``server_time`` is newer than that of the last notify accepted for that
+peer (an older or replayed one is counted and refused).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody
+from rendezvous.v2.wire import Status as Answer
+
+from .machine import Keepalive
+from .policy import (
+    DeviceView, PeerView, Status, Timing, apply_reason, format_endpoint, looks_dead,
+)
+
+__all__ = ["Apply", "Counters", "Keepalive", "PeerState", "PunchV2", "Send"]
+
+FAMILIES = (4, 6)
+_REMEMBER_EXPIRED = 1024   # ids of expired requests kept to tell "late" from "unknown"
+_STALE_AT_ONCE = 3         # stale answers in a row retried without delay
+
+
+@dataclass(frozen=True)
+class Send:
+    """Seal BODY and send it to the server over FAMILY (4 or 6), from WireGuard's port."""
+
+    body: RequestBody
+    family: int
+    peer: bytes
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Set PEER's endpoint (and keepalive) on the interface, then open our NAT toward it."""
+
+    peer: bytes
+    endpoint: Endpoint
+    keepalive: int
+    reason: str
+
+
+Action = Apply | Keepalive
+
+
+@dataclass
+class _Ask:
+    """One question: a peer over one family."""
+
+    due: float = 0.0
+    lost: int = 0              # consecutive lost requests
+    misses: int = 0            # consecutive "pending" answers
+    stale: int = 0             # consecutive "stale" answers
+    inflight: int | None = None  # the request id in flight
+
+
+@dataclass
+class PeerState:
+    key: bytes
+    status: Status = Status.ASKING
+    asks: dict[int, _Ask] = field(default_factory=dict)
+    endpoints: dict[int, Endpoint] = field(default_factory=dict)  # the peer's, by family
+    peer_nat: int = 0
+    answer: Endpoint | None = None     # the endpoint we chose from the latest answer
+    applied: Endpoint | None = None    # what we last applied
+    applied_at: float | None = None
+    fallback_at: float | None = None   # when to check an applied IPv6 endpoint
+    v6_failed: Endpoint | None = None  # an IPv6 endpoint that gave no handshake
+    notified: int = -1                 # server_time of the last notify accepted
+    view: PeerView | None = None
+    rx_changed_at: float = 0.0
+
+    @property
+    def resolved(self) -> bool:
+        return self.status in (Status.APPLIED, Status.KEPT)
+
+    @property
+    def due(self) -> float:
+        return min((a.due for a in self.asks.values() if a.inflight is None),
+                   default=float("inf"))
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    peer: bytes
+    family: int
+    deadline: float
+    timestamp: int
+    wall_ns: int
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    replies: int = 0       # authenticated replies matched to a request
+    lost: int = 0
+    late: int = 0          # a reply to a request that had already timed out
+    unknown: int = 0       # a reply whose id was never in flight (or the wrong family)
+    stale: int = 0
+    notifies: int = 0      # notifies accepted
+    old_notifies: int = 0  # notifies not newer than the last accepted for the peer
+    unwanted: int = 0      # notifies about a key that is not (or no longer) our peer
+    applied: int = 0
+    fallbacks: int = 0     # IPv6 endpoints given up for IPv4
+
+
+def _by_family(endpoints: Iterable[Endpoint]) -> dict[int, Endpoint]:
+    out: dict[int, Endpoint] = {}
+    for ep in endpoints:
+        if ep.port and ep.family not in out:
+            out[ep.family] = ep
+    return out
+
+
+class PunchV2:
+    """Drive v2 requests for every peer of a device (or the subset ONLY) over FAMILIES."""
+
+    def __init__(self, timing: Timing = Timing(), daemon: bool = False,
+                 only: frozenset[bytes] | None = None, families: Iterable[int] = FAMILIES,
+                 randbits: Callable[[int], int] = secrets.randbits, nat: int = 0) -> None:
+        self.timing = timing
+        self.daemon = daemon
+        self.only = only
+        self.families = tuple(sorted(set(families)))
+        if not self.families or not set(self.families) <= set(FAMILIES):
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}: {families!r}")
+        self.nat = nat
+        self._randbits = randbits
+        self.my_key: bytes | None = None
+        self.peers: dict[bytes, PeerState] = {}
+        self.counters = Counters()
+        self.replied = False            # has the server ever answered (authentically)?
+        self.observed: dict[int, Endpoint] = {}  # our own endpoints as the server sees them
+        self.offset = 0                 # ns added to wall_ns (learned from stale replies)
+        self._min_next = 0              # the lowest timestamp we may send next
+        self._inflight: dict[int, _InFlight] = {}
+        self._expired: OrderedDict[int, None] = OrderedDict()
+
+    # -- inputs ---------------------------------------------------------------------
+
+    def update_device(self, now: float, device: DeviceView) -> None:
+        """The device as just read: picks up added and removed peers and rx progress."""
+        self.my_key = device.my_key
+        seen = set()
+        for view in device.peers:
+            if self.only is not None and view.key not in self.only:
+                continue
+            seen.add(view.key)
+            st = self.peers.get(view.key)
+            if st is None:
+                st = self.peers[view.key] = PeerState(
+                    view.key, asks={f: _Ask(due=now) for f in self.families}, rx_changed_at=now)
+            elif st.view is None or view.rx_bytes != st.view.rx_bytes:
+                st.rx_changed_at = now
+            st.view = view
+            if self.daemon and st.resolved and self._looks_dead(st, now):
+                for ask in st.asks.values():
+                    ask.due = min(ask.due, now)  # a dead-looking peer is polled fast
+        for gone in set(self.peers) - seen:
+            del self.peers[gone]
+            for rid in [r for r, f in self._inflight.items() if f.peer == gone]:
+                del self._inflight[rid]
+                self._remember_expired(rid)
+
+    def on_reply(self, now: float, body: ReplyBody, family: int) -> list[Action]:
+        """An authenticated reply from the server that arrived over FAMILY."""
+        rec = self._inflight.get(body.request_id)
+        if rec is None or rec.family != family:
+            if body.request_id in self._expired:
+                self.counters.late += 1
+            else:
+                self.counters.unknown += 1
+            return []
+        if now > rec.deadline:  # poll() has not expired it yet: it is lost all the same
+            self.counters.late += 1
+            self._expire(body.request_id, now)
+            return []
+        del self._inflight[body.request_id]
+        self.counters.replies += 1
+        self.replied = True
+        if body.observed is not None:
+            self.observed[family] = body.observed
+        st = self.peers.get(rec.peer)
+        if st is None:
+            return []
+        ask = st.asks[family]
+        ask.inflight = None
+        ask.lost = 0
+        t = self.timing
+        if body.status == Answer.STALE:
+            self.counters.stale += 1
+            self._learn_time(rec, body.server_time)
+            ask.stale += 1
+            extra = ask.stale - _STALE_AT_ONCE
+            self._schedule(st, ask, now if extra <= 0
+                           else now + min(t.poll * 2 ** (extra - 1), t.backoff_max))
+            return []
+        ask.stale = 0
+        if body.status == Answer.PENDING:
+            if not st.resolved:
+                st.status = Status.NOT_FOUND
+            self._schedule(st, ask, now + min(t.first_poll * 2 ** ask.misses, t.poll))
+            ask.misses += 1
+            return []
+        if body.status != Answer.FOUND:  # a status from a newer server: ask again later
+            self._schedule(st, ask, now + t.poll)
+            return []
+        ask.misses = 0
+        endpoints = _by_family(body.endpoints)
+        if not endpoints:  # "found" with nothing usable: treat it as pending
+            self._schedule(st, ask, now + t.poll)
+            return []
+        st.endpoints, st.peer_nat = endpoints, body.peer_nat
+        actions = self._settle(st, now)
+        self._schedule(st, ask, now + t.recheck)
+        return actions
+
+    def on_notify(self, now: float, body: NotifyBody, family: int) -> list[Action]:
+        """An authenticated notify from the server (arrived over FAMILY): a peer that
+        just asked for us, with its endpoints. Acted on at once if it is newer."""
+        st = self.peers.get(body.peer)
+        if st is None:
+            self.counters.unwanted += 1
+            return []
+        if body.server_time <= st.notified:
+            self.counters.old_notifies += 1
+            return []
+        endpoints = _by_family(body.endpoints)
+        if not endpoints:
+            self.counters.unwanted += 1
+            return []
+        st.notified = body.server_time
+        self.counters.notifies += 1
+        self.replied = True
+        st.endpoints, st.peer_nat = endpoints, body.peer_nat
+        return self._settle(st, now)
+
+    def poll(self, now: float, wall_ns: int) -> list[Send | Apply]:
+        """Expire lost requests, fall back from silent IPv6 endpoints, and start the
+        requests that are due. WALL_NS is the wall clock (ns since the epoch)."""
+        out: list[Send | Apply] = []
+        for rid in [r for r, f in self._inflight.items() if now >= f.deadline]:
+            self._expire(rid, now)
+        for st in self.peers.values():
+            if st.fallback_at is not None and now >= st.fallback_at:
+                st.fallback_at = None
+                action = self._fallback(st, now)
+                if action is not None:
+                    out.append(action)
+        if self.my_key is None:
+            return out
+        room = self.timing.max_inflight - len(self._inflight)
+        due = sorted(((ask.due, st.key, fam) for st in self.peers.values()
+                      for fam, ask in st.asks.items()
+                      if ask.inflight is None and ask.due <= now))
+        for _, key, fam in due[:max(room, 0)]:
+            out.append(self._request(self.peers[key], fam, now, wall_ns))
+        return out
+
+    def next_wakeup(self) -> float:
+        """The earliest time poll() has something to do."""
+        times = [f.deadline for f in self._inflight.values()]
+        times += [st.fallback_at for st in self.peers.values() if st.fallback_at is not None]
+        if self.my_key is not None and len(self._inflight) < self.timing.max_inflight:
+            times += [st.due for st in self.peers.values()]
+        return min(times, default=float("inf"))
+
+    # -- queries --------------------------------------------------------------------
+
+    def pending(self) -> list[PeerState]:
+        """Peers whose endpoint is not settled yet."""
+        return [s for s in self.peers.values() if not s.resolved]
+
+    def done(self) -> bool:
+        return not self.pending()
+
+    def without_handshake(self, now: float) -> list[PeerState]:
+        """Peers with no handshake at all, or none since we applied their endpoint."""
+        return [st for st in self.peers.values() if not self._handshake_since_applied(st, now)]
+
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _request(self, st: PeerState, family: int, now: float, wall_ns: int) -> Send:
+        assert self.my_key is not None
+        rid = 0
+        while rid == 0 or rid in self._inflight:
+            rid = self._randbits(32) & 0xFFFFFFFF
+        ts = max(wall_ns + self.offset, self._min_next)
+        self._min_next = ts + 1
+        self._inflight[rid] = _InFlight(st.key, family, now + self.timing.request_timeout, ts,
+                                        wall_ns)
+        self._expired.pop(rid, None)
+        st.asks[family].inflight = rid
+        self.counters.sent += 1
+        return Send(RequestBody(timestamp=ts, request_id=rid, peer=st.key, nat=self.nat),
+                    family, st.key)
+
+    def _expire(self, rid: int, now: float) -> None:
+        rec = self._inflight.pop(rid)
+        self._remember_expired(rid)
+        self.counters.lost += 1
+        st = self.peers.get(rec.peer)
+        if st is None:
+            return
+        ask = st.asks[rec.family]
+        ask.inflight = None
+        ask.lost += 1
+        t = self.timing
+        # The timeout already waited once: retry the first loss at once, then back off,
+        # doubling from poll up to backoff_max.
+        self._schedule(st, ask, now + (0.0 if ask.lost == 1 else
+                                       min(t.poll * 2 ** (ask.lost - 2), t.backoff_max)))
+
+    def _settled(self, st: PeerState, status: Status) -> None:
+        st.status = status
+        if not self.daemon:  # one-shot: the answer is in; nothing more to ask
+            for ask in st.asks.values():
+                ask.due = float("inf")
+
+    def _schedule(self, st: PeerState, ask: _Ask, due: float) -> None:
+        """Ask again at DUE; one-shot, a settled peer is never asked again."""
+        ask.due = float("inf") if st.resolved and not self.daemon else due
+
+    def _remember_expired(self, rid: int) -> None:
+        self._expired[rid] = None
+        while len(self._expired) > _REMEMBER_EXPIRED:
+            self._expired.popitem(last=False)
+
+    def _learn_time(self, rec: _InFlight, server_time: int) -> None:
+        """A stale reply: SERVER_TIME is the lowest timestamp the server accepts next."""
+        self.offset = server_time - rec.wall_ns
+        if server_time > rec.timestamp:
+            # We were behind (our clock, or a newer request of ours got there first).
+            self._min_next = max(self._min_next, server_time)
+        else:
+            # We were ahead of the server's window: follow it back.
+            self._min_next = server_time
+
+    def _looks_dead(self, st: PeerState, now: float) -> bool:
+        return looks_dead(st.view, st.rx_changed_at, now, self.timing)
+
+    def _choose(self, st: PeerState) -> Endpoint:
+        v4, v6 = st.endpoints.get(4), st.endpoints.get(6)
+        if v6 is not None and 6 in self.observed and v6 != st.v6_failed:
+            return v6
+        if v4 is not None:
+            return v4
+        assert v6 is not None
+        return v6
+
+    def _settle(self, st: PeerState, now: float) -> list[Action]:
+        answer = self._choose(st)
+        st.answer = answer
+        reason = apply_reason(st.view, st.applied, answer, self._looks_dead(st, now))
+        if reason is None:
+            if st.status is not Status.APPLIED:
+                self._settled(st, Status.KEPT)
+            if st.view is not None and st.view.keepalive == 0:
+                # A kept endpoint still needs keepalives to hold the NATs open.
+                return [Keepalive(st.key, self.timing.keepalive)]
+            return []
+        if st.applied is not None and st.applied.family != answer.family:
+            reason = f"IPv{answer.family} preferred to {format_endpoint(st.applied)}"
+        return [self._apply(st, answer, reason, now)]
+
+    def _apply(self, st: PeerState, endpoint: Endpoint, reason: str, now: float) -> Apply:
+        self._settled(st, Status.APPLIED)
+        st.applied, st.applied_at = endpoint, now
+        st.fallback_at = now + self.timing.v6_fallback if endpoint.family == 6 else None
+        st.rx_changed_at = now  # give the new endpoint a full keepalive period
+        self.counters.applied += 1
+        return Apply(st.key, endpoint, self.timing.keepalive, reason)
+
+    def _fallback(self, st: PeerState, now: float) -> Apply | None:
+        applied, v4 = st.applied, st.endpoints.get(4)
+        if applied is None or applied.family != 6 or v4 is None:
+            return None
+        if self._handshake_since_applied(st, now):
+            return None
+        st.v6_failed = applied
+        st.answer = v4
+        self.counters.fallbacks += 1
+        return self._apply(st, v4, f"no handshake over IPv6 within "
+                                   f"{self.timing.v6_fallback:g}s", now)
+
+    @staticmethod
+    def _handshake_since_applied(st: PeerState, now: float) -> bool:
+        """A handshake at all, and (when we applied an endpoint) one after that: a
+        handshake older than our change was made at the old endpoint."""
+        age = st.view.handshake_age if st.view else None
+        if age is None:
+            return False
+        if st.status is Status.APPLIED and st.applied_at is not None:
+            return age <= now - st.applied_at + 1.0
+        return True

@@ -1,0 +1,371 @@
+"""The v2 punch state machine, driven with a fake clock, a seeded random source and
+opened message bodies (the codec is rendezvous.v2.wire; no cryptography here)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from punch.machine import Keepalive
+from punch.policy import DeviceView, PeerView, Status, Timing
+from punch.v2machine import Apply, PunchV2, Send
+from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody
+from rendezvous.v2.wire import Status as S
+
+ME = b"M" * 32
+P1, P2, P3 = b"1" * 32, b"2" * 32, b"3" * 32
+A4 = Endpoint("198.51.100.7", 40001)
+A4B = Endpoint("198.51.100.7", 40999)
+A6 = Endpoint("2001:db8:1::7", 40001)
+A6B = Endpoint("2001:db8:1::7", 40002)
+B4 = Endpoint("203.0.113.9", 51820)
+ME4 = Endpoint("192.0.2.1", 51820)
+ME6 = Endpoint("2001:db8:9::1", 51820)
+T = Timing(request_timeout=1.0, poll=1.0, first_poll=0.25, backoff_max=8.0, interval=20.0,
+           keepalive=25, dead_margin=5.0, v6_fallback=4.0)
+WALL = 1_700_000_000_000_000_000  # ns
+
+
+def dev(*peers: PeerView) -> DeviceView:
+    return DeviceView(ME, peers)
+
+
+def machine(*peers: PeerView, families=(4,), seed: int = 1, **kw) -> PunchV2:
+    m = PunchV2(T, families=families, randbits=random.Random(seed).getrandbits, **kw)
+    m.update_device(0.0, dev(*(peers or (PeerView(P1),))))
+    return m
+
+
+def sends(actions) -> list[Send]:
+    assert all(isinstance(a, Send) for a in actions), actions
+    return list(actions)
+
+
+def only_send(actions) -> Send:
+    [s] = sends(actions)
+    return s
+
+
+def found(s: Send, *endpoints: Endpoint, observed: Endpoint | None = None,
+          server_time: int = WALL) -> ReplyBody:
+    if observed is None:
+        observed = ME6 if s.family == 6 else ME4
+    return ReplyBody(s.body.request_id, S.FOUND, server_time, observed, endpoints)
+
+
+def pending(s: Send) -> ReplyBody:
+    return ReplyBody(s.body.request_id, S.PENDING, WALL, ME6 if s.family == 6 else ME4)
+
+
+def stale(s: Send, server_time: int) -> ReplyBody:
+    return ReplyBody(s.body.request_id, S.STALE, server_time, ME6 if s.family == 6 else ME4)
+
+
+# -- requests and matching ------------------------------------------------------------
+
+def test_request_ids_come_from_the_injected_random_source():
+    m = machine(PeerView(P1), PeerView(P2), PeerView(P3))
+    out = sends(m.poll(0.0, WALL))
+    rng = random.Random(1)
+    want = [rng.getrandbits(32) for _ in range(3)]
+    assert [s.body.request_id for s in out] == want and 0 not in want
+    assert {s.peer for s in out} == {P1, P2, P3}
+    assert all(s.body.peer == s.peer and s.family == 4 for s in out)
+
+
+def test_a_zero_random_id_is_never_used():
+    values = iter([0, 0, 7])
+    m = PunchV2(T, families=(4,), randbits=lambda _bits: next(values))
+    m.update_device(0.0, dev(PeerView(P1)))
+    assert only_send(m.poll(0.0, WALL)).body.request_id == 7
+
+
+def test_many_in_flight_each_reply_matched_by_id_in_any_order():
+    m = machine(PeerView(P1), PeerView(P2), PeerView(P3))
+    out = {s.peer: s for s in sends(m.poll(0.0, WALL))}
+    assert m.inflight() == 3
+    # Replies come back in reverse order, each with its own peer's endpoint.
+    eps = {P1: A4, P2: B4, P3: A4B}
+    for key in (P3, P1, P2):
+        [a] = m.on_reply(0.1, found(out[key], eps[key]), 4)
+        assert isinstance(a, Apply) and a.peer == key and a.endpoint == eps[key]
+    assert m.done() and m.inflight() == 0 and m.counters.replies == 3
+    assert m.next_wakeup() == float("inf")
+
+
+def test_every_family_is_asked_with_its_own_id():
+    m = machine(families=(4, 6))
+    out = sends(m.poll(0.0, WALL))
+    assert sorted(s.family for s in out) == [4, 6]
+    assert out[0].body.request_id != out[1].body.request_id
+    assert out[0].body.timestamp < out[1].body.timestamp
+
+
+def test_in_flight_requests_are_capped():
+    peers = [PeerView(bytes([i]) * 32) for i in range(10)]
+    m = PunchV2(Timing(max_inflight=4), families=(4,), randbits=random.Random(2).getrandbits)
+    m.update_device(0.0, dev(*peers))
+    first = sends(m.poll(0.0, WALL))
+    assert len(first) == 4 and m.poll(0.0, WALL) == []
+    m.on_reply(0.1, found(first[0], A4), 4)
+    assert len(sends(m.poll(0.1, WALL))) == 1
+
+
+def test_unknown_and_late_ids_are_counted_and_ignored():
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    bogus = ReplyBody((s.body.request_id + 1) & 0xFFFFFFFF or 1, S.FOUND, WALL, ME4, (A4,))
+    assert m.on_reply(0.1, bogus, 4) == []
+    assert m.counters.unknown == 1 and not m.done()
+    # the right id over the wrong family is not a match either
+    assert m.on_reply(0.1, found(s, A4), 6) == [] and m.counters.unknown == 2
+    s2 = only_send(m.poll(1.0, WALL))  # s timed out: asked again at once, with a new id
+    assert s2.body.request_id != s.body.request_id and m.counters.lost == 1
+    assert m.on_reply(1.1, found(s, A4), 4) == []  # the answer to s comes late
+    assert m.counters.late == 1 and not m.done()
+    [a] = m.on_reply(1.2, found(s2, A4), 4)
+    assert a.endpoint == A4 and m.done()
+
+
+def test_a_reply_after_the_deadline_but_before_poll_is_late():
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    assert m.on_reply(1.01, found(s, A4), 4) == []
+    assert m.counters.late == 1 and m.counters.lost == 1
+    assert only_send(m.poll(1.01, WALL)).body.request_id != s.body.request_id
+
+
+def test_lost_requests_back_off_per_family():
+    m = machine(families=(4, 6), daemon=True)
+    times: dict[int, list[float]] = {4: [], 6: []}
+    now = 0.0
+    while len(times[4]) < 6:
+        for s in sends(m.poll(now, WALL)):
+            times[s.family].append(now)
+            if s.family == 6:  # IPv6 works: found at once
+                m.on_reply(now, found(s, A4), 6)
+        now = m.next_wakeup()
+    assert times[6][:2] == [0.0, 10.0]  # IPv6 re-asked every interval / 2
+    assert [b - a for a, b in zip(times[4], times[4][1:])] == [1.0, 2.0, 3.0, 5.0, 9.0]
+
+
+def test_pending_is_asked_again_soon_at_first():
+    m = machine()
+    asked, now = [], 0.0
+    for _ in range(5):
+        s = only_send(m.poll(now, WALL))
+        asked.append(now)
+        assert m.on_reply(now, pending(s), 4) == []
+        now = m.next_wakeup()
+    assert [round(b - a, 3) for a, b in zip(asked, asked[1:])] == [0.25, 0.5, 1.0, 1.0]
+    assert m.peers[P1].status is Status.NOT_FOUND and m.replied and not m.done()
+
+
+# -- timestamps -------------------------------------------------------------------------
+
+def test_timestamps_strictly_increase_even_when_the_wall_clock_steps_back():
+    m = machine(PeerView(P1), PeerView(P2), families=(4, 6))
+    out = sends(m.poll(0.0, WALL))
+    assert [s.body.timestamp for s in out] == [WALL, WALL + 1, WALL + 2, WALL + 3]
+    for s in out:
+        m.on_reply(0.1, pending(s), s.family)
+    later = sends(m.poll(0.35, WALL - 10**9))  # the wall clock was set back a second
+    assert min(s.body.timestamp for s in later) == WALL + 4
+
+
+def test_stale_moves_the_offset_and_asks_again_with_a_newer_timestamp():
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    server_floor = WALL + 30 * 10**9  # our clock is 30 s behind the server
+    assert m.on_reply(0.05, stale(s, server_floor), 4) == []
+    assert m.counters.stale == 1 and m.offset == 30 * 10**9 and not m.done()
+    assert m.next_wakeup() == 0.05
+    again = only_send(m.poll(0.05, WALL + 5 * 10**7))
+    assert again.body.timestamp >= server_floor
+    assert again.body.timestamp == WALL + 5 * 10**7 + 30 * 10**9
+    assert again.body.request_id != s.body.request_id
+    [a] = m.on_reply(0.1, found(again, A4), 4)
+    assert a.endpoint == A4
+    assert m.next_wakeup() == float("inf")  # one-shot: nothing more to ask
+
+
+def test_stale_from_a_server_behind_us_moves_the_clock_back():
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    floor = WALL - 600 * 10**9  # our clock is 10 minutes ahead of the server's window
+    m.on_reply(0.05, stale(s, floor), 4)
+    again = only_send(m.poll(0.05, WALL))
+    assert again.body.timestamp == floor
+
+
+def test_stale_again_and_again_backs_off():
+    m = machine()
+    now, asked = 0.0, []
+    for _ in range(6):
+        s = only_send(m.poll(now, WALL))
+        asked.append(now)
+        m.on_reply(now, stale(s, s.body.timestamp), 4)  # never accepted
+        now = m.next_wakeup()
+    assert [b - a for a, b in zip(asked, asked[1:])] == [0.0, 0.0, 0.0, 1.0, 2.0]
+
+
+def test_a_reordered_request_gets_stale_and_only_that_family_is_retried():
+    """The IPv6 request (sent second) got there first: the IPv4 one is stale."""
+    m = machine(families=(4, 6))
+    s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
+    assert m.on_reply(0.01, pending(s6), 6) == []
+    m.on_reply(0.02, stale(s4, s6.body.timestamp + 1), 4)
+    again = only_send(m.poll(0.02, WALL))
+    assert again.family == 4 and again.body.timestamp > s6.body.timestamp
+
+
+# -- notify -------------------------------------------------------------------------------
+
+def test_notify_is_applied_at_once_and_an_older_one_is_refused():
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.05, pending(s), 4)  # the peer has not asked for us yet
+    [a] = m.on_notify(0.3, NotifyBody(WALL + 100, P1, (A4,)), 4)
+    assert isinstance(a, Apply) and a.endpoint == A4 and a.reason == "no endpoint"
+    assert m.done() and m.counters.notifies == 1
+    assert m.next_wakeup() == float("inf")  # one-shot: nothing more to ask
+    # the same notify again (a replay, or the copy sent to our other address)
+    assert m.on_notify(0.31, NotifyBody(WALL + 100, P1, (A4,)), 6) == []
+    # an older one with a different endpoint
+    assert m.on_notify(0.32, NotifyBody(WALL + 50, P1, (A4B,)), 4) == []
+    assert m.counters.old_notifies == 2 and m.peers[P1].applied == A4
+    # a newer one that moves the peer is applied
+    m.update_device(1.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=0.5, rx_bytes=9)))
+    [b] = m.on_notify(1.1, NotifyBody(WALL + 200, P1, (A4B,)), 4)
+    assert b.endpoint == A4B and b.reason == "peer moved from 198.51.100.7:40001"
+
+
+def test_notify_about_a_stranger_is_counted_and_ignored():
+    m = machine()
+    assert m.on_notify(0.1, NotifyBody(WALL, P2, (A4,)), 4) == []
+    assert m.counters.unwanted == 1 and not m.done()
+
+
+def test_notify_keeps_a_working_endpoint_and_turns_keepalive_on():
+    m = machine(PeerView(P1, (A4.ip, A4.port), handshake_age=2.0, rx_bytes=5))
+    assert m.on_notify(0.1, NotifyBody(WALL, P1, (A4,)), 4) == [Keepalive(P1, 25)]
+    assert m.peers[P1].status is Status.KEPT
+
+
+# -- families ----------------------------------------------------------------------------
+
+def test_ipv6_is_preferred_when_both_sides_have_it():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    [a] = m.on_reply(0.1, found(s6, A6, A4), 6)
+    assert a.endpoint == A6 and m.observed[6] == ME6
+
+
+def test_ipv4_when_we_have_no_ipv6():
+    m = machine(families=(4,))
+    s = only_send(m.poll(0.0, WALL))
+    [a] = m.on_reply(0.1, found(s, A6, A4), 4)  # the peer has both; we only IPv4
+    assert a.endpoint == A4
+
+
+def test_ipv6_answer_after_ipv4_one_upgrades_the_endpoint():
+    m = machine(families=(4, 6))
+    s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
+    [a] = m.on_reply(0.05, found(s4, A6, A4), 4)
+    assert a.endpoint == A4  # no IPv6 observed yet
+    [b] = m.on_reply(0.06, found(s6, A6, A4), 6)
+    assert b.endpoint == A6 and b.reason == "IPv6 preferred to 198.51.100.7:40001"
+    assert m.counters.applied == 2
+
+
+def test_ipv6_without_a_handshake_falls_back_to_ipv4():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    [a] = m.on_reply(0.1, found(s6, A6, A4), 6)
+    assert a.endpoint == A6
+    m.update_device(2.0, dev(PeerView(P1, (A6.ip, A6.port), keepalive=25)))
+    assert [x for x in m.poll(2.0, WALL) if isinstance(x, Apply)] == []
+    assert m.next_wakeup() == pytest.approx(4.1)
+    out = m.poll(4.1, WALL)
+    [b] = [x for x in out if isinstance(x, Apply)]
+    assert b.endpoint == A4 and b.reason == "no handshake over IPv6 within 4s"
+    assert m.counters.fallbacks == 1 and m.peers[P1].v6_failed == A6
+    assert m.next_wakeup() > 4.1  # the fallback fires once, no busy loop
+    # later answers with the same IPv6 endpoint keep IPv4 ...
+    m.update_device(5.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=0.2, rx_bytes=3,
+                                      keepalive=25)))
+    assert m.on_notify(5.1, NotifyBody(WALL + 1, P1, (A6, A4)), 6) == []
+    # ... but a new IPv6 endpoint is tried
+    [n] = m.on_notify(5.2, NotifyBody(WALL + 2, P1, (A6B, A4)), 6)
+    assert n.endpoint == A6B and n.reason == "IPv6 preferred to 198.51.100.7:40001"
+
+
+def test_ipv6_with_a_handshake_stays():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.1, found(s6, A6, A4), 6)
+    m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.5, rx_bytes=92)))
+    assert [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)] == []
+    assert m.counters.fallbacks == 0 and m.without_handshake(4.1) == []
+
+
+def test_ipv6_only_peer_without_ipv4_stays_on_ipv6():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.1, found(s6, A6), 6)
+    assert [x for x in m.poll(5.0, WALL) if isinstance(x, Apply)] == []
+
+
+# -- the device ---------------------------------------------------------------------------
+
+def test_peers_added_and_removed():
+    m = machine(PeerView(P1), daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.update_device(0.5, dev(PeerView(P2)))  # P1 removed while its request is in flight
+    assert set(m.peers) == {P2} and m.inflight() == 0
+    assert m.on_reply(0.6, found(s, A4), 4) == []
+    assert m.counters.late == 1
+    s2 = only_send(m.poll(0.6, WALL))
+    assert s2.peer == P2
+
+
+def test_only_restricts_the_peer_set():
+    m = machine(PeerView(P1), PeerView(P2), only=frozenset({P2}))
+    assert only_send(m.poll(0.0, WALL)).peer == P2 and set(m.peers) == {P2}
+
+
+def test_daemon_reasks_every_half_interval_and_follows_a_move():
+    m = machine(daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.1, found(s, A4), 4)
+    m.update_device(1.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=0.5, rx_bytes=100,
+                                      keepalive=25)))
+    assert m.next_wakeup() == pytest.approx(10.1)
+    s2 = only_send(m.poll(10.1, WALL + 10**10))
+    assert s2.body.timestamp > s.body.timestamp
+    assert m.on_reply(10.2, found(s2, A4), 4) == []
+    s3 = only_send(m.poll(20.2, WALL + 2 * 10**10))
+    [a] = m.on_reply(20.3, found(s3, A4B), 4)
+    assert a.endpoint == A4B and a.reason.startswith("peer moved from")
+
+
+def test_nothing_is_sent_before_the_device_is_known():
+    m = PunchV2(T, randbits=random.Random(0).getrandbits)
+    assert m.poll(0.0, WALL) == [] and m.next_wakeup() == float("inf")
+
+
+def test_without_handshake_ignores_handshakes_older_than_our_endpoint():
+    m = machine(PeerView(P1, ("10.0.0.5", 51820)))
+    s = only_send(m.poll(0.0, WALL))
+    [a] = m.on_reply(0.1, found(s, A4), 4)
+    assert a.reason == "no handshake yet"
+    m.update_device(5.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=65.0)))
+    assert [p.key for p in m.without_handshake(5.0)] == [P1]
+    m.update_device(6.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=1.0)))
+    assert m.without_handshake(6.0) == []
+
+
+def test_bad_families_are_refused():
+    with pytest.raises(ValueError, match="families"):
+        PunchV2(T, families=(5,))
