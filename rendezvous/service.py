@@ -1,9 +1,17 @@
-"""The classic rendezvous service: one datagram in, at most one reply out.
+"""The rendezvous service: one datagram in, at most one reply out.
 
 Pure: ``handle(data, source, now)`` takes the request bytes, the packed source endpoint
-(4-byte IPv4 + 2-byte port, network order, exactly as it sits in a ``sockaddr_in``) and
-the time, and returns the reply bytes or ``None`` for no reply. All policy lives here;
-the socket code only moves bytes.
+(4-byte IPv4 + 2-byte port, network order, exactly as it sits in a ``sockaddr_in``; or
+16-byte IPv6 + 2-byte port) and the time, and returns the reply bytes or ``None`` for no
+reply. All policy lives here; the socket code only moves bytes.
+
+Dispatch: a datagram of exactly 64 bytes is classic (when classic is on and the source
+is IPv4; classic over IPv6 is dropped and counted); one that looks like v2 goes to
+:class:`rendezvous.v2.service.V2Service` when the server has a key; anything else is
+dropped and counted by reason. The per-source rate limit comes after these length and
+header checks and before any table lookup or cryptography (IPv6 sources are limited per
+/64, the smallest block one host gets). v2 may queue notifications for other clients:
+the shell takes them with :meth:`Service.drain_notifications` after each call or batch.
 
 Differences from the upstream example, on purpose:
 - an all-zero ``my_pubkey`` registers nothing and gets no reply;
@@ -19,8 +27,11 @@ from dataclasses import dataclass, field
 from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
 from .ratelimit import RateLimiter
 from .registry import Registry
+from .v2.crypto import ServerCrypto
+from .v2.service import Notification, V2Config, V2Service
+from .v2.wire import looks_like_v2
 
-__all__ = ["Config", "Counters", "Service"]
+__all__ = ["Config", "Counters", "Notification", "Service"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,10 @@ class Config:
     max_peers: int = 1_000_000
     rate: float = 200.0
     burst: float = 400.0
+    classic: bool = True
+    max_skew: float = 300.0  # v2 timestamp window, seconds; 0 = none
+    notify_rate: float = 10.0  # v2 notifications per second per notified key; 0 = no limit
+    notify_burst: float = 20.0
 
 
 @dataclass
@@ -36,20 +51,41 @@ class Counters:
     requests: int = 0
     found: int = 0
     not_found: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"length": 0, "zero_key": 0})
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("length", "zero_key", "classic_off", "classic_ipv6", "v2_off"), 0))
 
 
 class Service:
-    def __init__(self, config: Config = Config()) -> None:
+    """CRYPTO (the server's key) enables v2; ``config.classic`` the classic protocol."""
+
+    def __init__(self, config: Config = Config(), crypto: ServerCrypto | None = None) -> None:
         self.config = config
         self.registry = Registry(config.ttl, config.max_peers)
         self.limiter = RateLimiter(config.rate, config.burst)
         self.counters = Counters()
+        self.classic = config.classic
+        self.v2 = None if crypto is None else V2Service(V2Config(
+            ttl=config.ttl, max_peers=config.max_peers, max_skew=config.max_skew,
+            notify_rate=config.notify_rate, notify_burst=config.notify_burst), crypto)
+        self.wall_offset_ns = 0  # wall clock minus ``now``, in ns: see set_wall_clock
 
-    def handle(self, data: bytes, source: bytes, now: float) -> bytes | None:
+    def set_wall_clock(self, now: float, wall_ns: int) -> None:
+        """Tell the service the wall-clock time (ns since the epoch) at monotonic NOW,
+        for calls of :meth:`handle` that do not pass ``wall_ns``."""
+        self.wall_offset_ns = wall_ns - int(now * 1e9)
+
+    def handle(self, data: bytes, source: bytes, now: float, local: bytes | None = None,
+               wall_ns: int | None = None) -> bytes | None:
+        """LOCAL: the server address the datagram arrived at (4 or 16 bytes), if known;
+        WALL_NS: the wall-clock time (default: from :meth:`set_wall_clock`)."""
         c = self.counters
         if len(data) != REQUEST_LEN:
-            c.dropped["length"] += 1
+            return self._other(data, source, now, local, wall_ns)
+        if not self.classic:
+            c.dropped["classic_off"] += 1
+            return None
+        if len(source) != 6:
+            c.dropped["classic_ipv6"] += 1
             return None
         if not self.limiter.allow(source[:4], now):
             return None
@@ -66,13 +102,37 @@ class Service:
         c.found += 1
         return endpoint
 
+    def _other(self, data: bytes, source: bytes, now: float, local: bytes | None,
+               wall_ns: int | None) -> bytes | None:
+        c = self.counters
+        if not looks_like_v2(data):
+            c.dropped["length"] += 1
+            return None
+        v2 = self.v2
+        if v2 is None:
+            c.dropped["v2_off"] += 1
+            return None
+        if not self.limiter.allow(source[:4] if len(source) == 6 else source[:8], now):
+            return None
+        if wall_ns is None:
+            wall_ns = int(now * 1e9) + self.wall_offset_ns
+        return v2.handle(data, source, now, wall_ns, local)
+
+    def drain_notifications(self) -> list[Notification]:
+        """v2 notifications queued since the last call, for the shell to send."""
+        return self.v2.drain() if self.v2 is not None and self.v2.outbox else []
+
     def tick(self, now: float) -> None:
         """Housekeeping between batches: expire a bounded number of stale entries."""
         self.registry.expire(now, budget=10_000)
+        if self.v2 is not None:
+            self.v2.tick(now)
 
     def sweep(self, now: float) -> None:
         """Occasional housekeeping: forget idle rate-limit buckets."""
         self.limiter.sweep(now)
+        if self.v2 is not None:
+            self.v2.sweep(now)
 
     def snapshot(self) -> dict[str, int]:
         c, r = self.counters, self.registry.stats
@@ -85,4 +145,5 @@ class Service:
             "evicted": r.evicted,
             "expired": r.expired,
             "peers": len(self.registry),
+            **({f"v2_{k}": v for k, v in self.v2.snapshot().items()} if self.v2 else {}),
         }

@@ -1,0 +1,180 @@
+"""The v2 rendezvous service: one authenticated request in, at most one reply out, and
+possibly notifications to other clients (docs/PROTOCOL.md, "Server checks, in order" and
+"The coordinated punch").
+
+Pure: ``handle(data, source, now, wall_ns, local)`` takes the datagram, its packed source
+(6 bytes IPv4 or 18 bytes IPv6: address || port), the monotonic time in seconds, the
+wall-clock time in ns since the epoch, and optionally the local server address the
+datagram arrived at (4 or 16 bytes). It returns the reply bytes or ``None`` and queues
+:class:`Notification` s that the I/O shell takes with :meth:`V2Service.drain` after
+each call or batch. Length, header and the per-source rate limit are checked by the
+dispatcher (:class:`rendezvous.service.Service`) before this runs.
+
+Never answered, only counted: datagrams that do not authenticate (``auth_failed``) or
+that authenticate but are malformed (``malformed``). Every reply and notification is
+checked to be no longer than the request that caused it (``oversize`` counts any that
+would have been, and drops them; it stays 0 unless the codec changes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ratelimit import RateLimiter
+from .crypto import AuthError, ServerCrypto
+from .state import V2Registry
+from .wire import Endpoint, NotifyBody, ReplyBody, Status, WireError
+
+__all__ = ["Notification", "V2Config", "V2Service", "COUNTERS"]
+
+COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_failed",
+            "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
+            "oversize")
+
+_MAX_OUTBOX = 4096
+
+
+@dataclass(frozen=True)
+class V2Config:
+    ttl: float = 180.0
+    max_peers: int = 1_000_000
+    max_skew: float = 300.0  # seconds; 0 = no window
+    notify_rate: float = 10.0  # notifications per second per notified key; 0 = no limit
+    notify_burst: float = 20.0
+    max_asks_per_client: int = 1024
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A datagram to send to DESTINATION (packed source form), from LOCAL if known."""
+
+    destination: bytes
+    datagram: bytes
+    local: bytes | None = None
+
+
+class V2Service:
+    def __init__(self, config: V2Config, crypto: ServerCrypto) -> None:
+        self.config = config
+        self.crypto = crypto
+        self._skew_ns = int(config.max_skew * 1e9)
+        self.registry = V2Registry(config.ttl, config.max_peers,
+                                   max_asks_per_client=config.max_asks_per_client,
+                                   retention=config.max_skew)
+        self.notify_limiter = RateLimiter(config.notify_rate, config.notify_burst,
+                                          max_sources=max(1024, config.max_peers))
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.outbox: list[Notification] = []
+        self._last_time = 0
+
+    def _server_time(self, wall_ns: int) -> int:
+        """The wall clock, made strictly increasing: a client accepts a notify only if
+        its server_time is newer than the last one it accepted for that peer."""
+        t = max(wall_ns, self._last_time + 1)
+        self._last_time = t
+        return t
+
+    def handle(self, data: bytes, source: bytes, now: float, wall_ns: int,
+               local: bytes | None = None) -> bytes | None:
+        c = self.counters
+        try:
+            observed = Endpoint.from_source(source)
+        except WireError:
+            observed = None
+        if observed is None or observed.port == 0 or not source[:-2].strip(b"\0"):
+            c["bad_source"] += 1
+            return None
+        try:
+            client, body = self.crypto.open_request(data)
+        except AuthError:
+            c["auth_failed"] += 1
+            return None
+        except WireError:
+            c["malformed"] += 1
+            return None
+        c["requests"] += 1
+        reg = self.registry
+        last = reg.last_timestamp(client, now)
+        ts = body.timestamp
+        skew = self._skew_ns
+        if (last is not None and ts <= last) or (skew and abs(ts - wall_ns) > skew):
+            if last is not None and ts <= last:
+                c["stale_replay"] += 1
+            else:
+                c["stale_skew"] += 1
+            lowest = (last or 0) + 1
+            if skew:
+                lowest = max(lowest, wall_ns)  # acceptable now, and still after a round trip
+            return self._reply(client, ReplyBody(body.request_id, Status.STALE, lowest, observed),
+                               len(data))
+
+        peer = body.peer
+        changed = reg.accept(client, source, ts, body.nat, peer, now, local)
+        server_time = self._server_time(wall_ns)
+        if reg.may_learn(client, peer, now):
+            eps = reg.endpoints(peer, now)
+            reg.set_told(client, peer, eps)
+            c["found"] += 1
+            reply = ReplyBody(body.request_id, Status.FOUND, server_time, observed,
+                              tuple(Endpoint.from_source(e) for e in eps), reg.nat(peer))
+            concerned = [peer] if peer != client else []
+        else:
+            c["pending"] += 1
+            reply = ReplyBody(body.request_id, Status.PENDING, server_time, observed)
+            concerned = []
+        if changed:
+            concerned += [p for p in reg.mutual_peers(client, now) if p != peer]
+        if concerned:
+            self._notify(client, concerned, now, server_time, len(data))
+        return self._reply(client, reply, len(data))
+
+    def _reply(self, client: bytes, body: ReplyBody, limit: int) -> bytes | None:
+        out = self.crypto.seal_reply(client, body)
+        if len(out) > limit:
+            self.counters["oversize"] += 1
+            return None
+        return out
+
+    def _notify(self, client: bytes, peers: list[bytes], now: float, server_time: int,
+                limit: int) -> None:
+        """Tell each of PEERS (all mutual with CLIENT) CLIENT's endpoints, unless it was
+        last told exactly those."""
+        reg, c = self.registry, self.counters
+        mine = reg.endpoints(client, now)
+        body: NotifyBody | None = None
+        for p in peers:
+            if reg.told(p, client) == mine:
+                continue
+            if not self.notify_limiter.allow(p, now):
+                c["notify_limited"] += 1
+                continue  # not marked as told: the next request of CLIENT tries again
+            if body is None:
+                body = NotifyBody(server_time, client, tuple(Endpoint.from_source(e) for e in mine),
+                                  reg.nat(client))
+            datagram = self.crypto.seal_notify(p, body)
+            if len(datagram) > limit:
+                c["oversize"] += 1
+                continue
+            reg.set_told(p, client, mine)
+            for dest, local in reg.destinations(p, now):
+                if len(self.outbox) >= _MAX_OUTBOX:
+                    c["notify_dropped"] += 1
+                    continue
+                self.outbox.append(Notification(dest, datagram, local))
+                c["notifications"] += 1
+
+    def drain(self) -> list[Notification]:
+        """The notifications queued since the last call (the shell sends them)."""
+        out, self.outbox = self.outbox, []
+        return out
+
+    def tick(self, now: float) -> None:
+        self.registry.expire(now, budget=10_000)
+
+    def sweep(self, now: float) -> None:
+        self.notify_limiter.sweep(now)
+
+    def snapshot(self) -> dict[str, int]:
+        r = self.registry
+        return {**self.counters, "peers": len(r), "asks": r.asks, "evicted": r.stats.evicted,
+                "expired": r.stats.expired}
