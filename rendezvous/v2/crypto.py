@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -67,6 +68,11 @@ def _check_key(name: str, key: bytes) -> bytes:
         size = len(key) if isinstance(key, (bytes, bytearray, memoryview)) else type(key).__name__
         raise ValueError(f"{name} must be {KEY_LEN} bytes, got {size}")
     return bytes(key)
+
+
+def _raw_public(private: X25519PrivateKey) -> bytes:
+    # public_bytes_raw() needs cryptography 40; Debian 12 ships 38.
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _nonce(nonce: bytes | None) -> bytes:
@@ -118,7 +124,7 @@ class ClientCrypto:
 
     def __init__(self, client_private: bytes, server_public: bytes) -> None:
         private = X25519PrivateKey.from_private_bytes(_check_key("client_private", client_private))
-        self.client_public: bytes = private.public_key().public_bytes_raw()
+        self.client_public: bytes = _raw_public(private)
         self.server_public: bytes = _check_key("server_public", server_public)
         k_c2s, k_s2c = derive_keys(x25519(private, self.server_public), self.client_public, self.server_public)
         self._seal = ChaCha20Poly1305(k_c2s)
@@ -151,7 +157,7 @@ class ServerCrypto:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size {cache_size!r} is not a non-negative integer")
         self._private = X25519PrivateKey.from_private_bytes(_check_key("server_private", server_private))
-        self.server_public: bytes = self._private.public_key().public_bytes_raw()
+        self.server_public: bytes = _raw_public(self._private)
         self.cache_size = cache_size
         self.cache_hits = 0
         self.cache_misses = 0

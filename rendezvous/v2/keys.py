@@ -46,12 +46,14 @@ def public_key(private: bytes) -> bytes:
     if not isinstance(private, (bytes, bytearray)) or len(private) != KEY_LEN:
         raise KeyFormatError(f"private key must be {KEY_LEN} bytes, got {_size(private)}")
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    return X25519PrivateKey.from_private_bytes(bytes(private)).public_key().public_bytes_raw()
+    pub = X25519PrivateKey.from_private_bytes(bytes(private)).public_key()
+    return pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _size(value: object) -> str:
-    return str(len(value)) if isinstance(value, (bytes, bytearray, str)) else type(value).__name__
+    return str(len(value)) if isinstance(value, (bytes, bytearray)) else type(value).__name__
 
 
 def encode_key(raw: bytes) -> str:
