@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # install-deps.sh [--lab] [--tests] [--kernel-vm]   Install what wgpunch needs, as root,
 # on Debian (apt + pip). Idempotent: installed packages are skipped quickly.
-#   (no flag)    the programs: python3 packages pyroute2 and cffi
+#   (no flag)    the programs: python3 packages pyroute2, cffi and cryptography
 #   --lab        + the netns lab: iproute2, nftables, wireguard-tools, wireguard-go, ping
 #   --tests      + the test suite: the lab, pytest, scapy, conntrack, tcpdump
 #   --kernel-vm  + the kernel WireGuard VM tests: qemu, busybox-static and a Debian
@@ -37,9 +37,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-pip_pkgs=("pyroute2>=0.7" "cffi>=1.15")
+pip_pkgs=("pyroute2>=0.7" "cffi>=1.15" "cryptography>=41")
 [ $tests = 1 ] && pip_pkgs+=("pytest>=7" "scapy>=2.5")
-if ! "$PY" -c 'import pyroute2, cffi' 2>/dev/null || { [ $tests = 1 ] && ! "$PY" -c 'import pytest, scapy' 2>/dev/null; }; then
+if ! "$PY" -c 'import pyroute2, cffi, cryptography' 2>/dev/null || { [ $tests = 1 ] && ! "$PY" -c 'import pytest, scapy' 2>/dev/null; }; then
   echo "install-deps.sh: pip install ${pip_pkgs[*]}"
   "$PY" -m pip install -q --disable-pip-version-check "${pip_pkgs[@]}" 2>/dev/null ||
     "$PY" -m pip install -q --disable-pip-version-check --break-system-packages "${pip_pkgs[@]}"
