@@ -4,7 +4,9 @@ import struct
 
 import pytest
 
-from punch.udp import Datagram, UdpError, build_udp, checksum, parse_ipv4_udp
+from punch.udp import (
+    Datagram, UdpError, build_udp, build_udp6, checksum, parse_ipv4_udp, parse_udp, udp_header,
+)
 
 
 def ipv4(src: str, dst: str, l4: bytes, proto: int = 17, options: bytes = b"") -> bytes:
@@ -81,3 +83,43 @@ def test_parse_rejects_a_reply_cut_short():
     seg = build_udp("198.51.100.10", "192.168.1.2", 49918, 51820, bytes(300))
     with pytest.raises(UdpError, match="UDP length 308 exceeds the 264 bytes received"):
         parse_ipv4_udp(ipv4("198.51.100.10", "192.168.1.2", seg)[:20 + 8 + 256])
+
+
+def test_build_udp6_vector_matches_scapy():
+    inet6 = pytest.importorskip("scapy.layers.inet6")
+    udp = pytest.importorskip("scapy.layers.inet").UDP
+    payload = bytes(range(116))
+    ours = build_udp6("2001:db8::2", "2001:db8:1::a", 51820, 49918, payload)
+    pkt = inet6.IPv6(src="2001:db8::2", dst="2001:db8:1::a") / udp(sport=51820, dport=49918) / payload
+    assert ours == bytes(inet6.IPv6(bytes(pkt))[udp])
+
+
+def test_build_udp6_checksum_verifies_to_zero_and_is_never_zero():
+    rng = random.Random(6)
+    for _ in range(200):
+        payload = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 80)))
+        src, dst = f"fd00::{rng.randrange(1, 65536):x}", f"2001:db8::{rng.randrange(1, 65536):x}"
+        seg = build_udp6(src, dst, rng.randrange(1, 65536), rng.randrange(1, 65536), payload)
+        pseudo = (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+                  + struct.pack("!I3xB", len(seg), 17))
+        assert checksum(pseudo + seg) == 0 and seg[6:8] != b"\0\0"
+
+
+def test_udp_header_leaves_the_checksum_to_the_kernel():
+    assert udp_header(51820, 49918, b"abc") == struct.pack("!HHHH", 51820, 49918, 11, 0) + b"abc"
+
+
+def test_parse_udp_segment():
+    seg = build_udp6("2001:db8::1", "2001:db8::2", 49918, 51820, b"reply")
+    assert parse_udp(seg, "2001:db8::1") == Datagram("2001:db8::1", 49918, "", 51820, b"reply")
+    assert parse_udp(seg + b"pad", "2001:db8::1").payload == b"reply"
+
+
+@pytest.mark.parametrize("segment,msg", [
+    (b"\0" * 7, "truncated UDP header"),
+    (struct.pack("!HHHH", 1, 2, 7, 0), "UDP length 7 is shorter"),
+    (struct.pack("!HHHH", 1, 2, 300, 0) + bytes(256), "UDP length 300 exceeds the 264 bytes"),
+])
+def test_parse_udp_rejects_garbage(segment, msg):
+    with pytest.raises(UdpError, match=msg):
+        parse_udp(segment, "::1")
