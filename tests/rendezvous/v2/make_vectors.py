@@ -7,6 +7,10 @@ the codec against its output both ways (decode the datagrams, re-encode the fiel
 
     python3 tests/rendezvous/v2/make_vectors.py           # rewrite the JSON
     python3 tests/rendezvous/v2/make_vectors.py --check   # exit 1 if it is out of date
+    python3 tests/rendezvous/v2/make_vectors.py --doc     # print the "Test vectors" section
+
+The hex in docs/PROTOCOL.md's "Test vectors" section is :func:`render_doc`'s output
+(a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import socket
 import struct
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +182,66 @@ def render() -> str:
     return json.dumps(build(), indent=2) + "\n"
 
 
+DOC_MESSAGES = {
+    "request": "Request",
+    "reply_found": "Reply, found, two endpoints",
+    "notify": "Notify, one endpoint",
+}
+
+
+def _hex_lines(data: bytes, indent: str = "        ") -> list[str]:
+    return [indent + data[i : i + 32].hex() for i in range(0, len(data), 32)]
+
+
+def _describe(m: dict[str, Any], keys: dict[str, str]) -> str:
+    f = dict(m["fields"])
+    for k, v in list(f.items()):
+        if isinstance(v, str) and v in keys.values():
+            f[k] = next(name for name, hexed in keys.items() if hexed == v)
+        elif k == "request_id":
+            f[k] = f"0x{v:08x}"
+        elif k == "status":
+            f[k] = f"{v} ({('found', 'pending', 'stale')[v]})"
+        elif k == "endpoints":
+            f[k] = "[" + ", ".join(v) + "]"
+    return ", ".join(f"{k} {v}" for k, v in f.items())
+
+
+def render_doc(data: dict[str, Any] | None = None) -> str:
+    """The body of docs/PROTOCOL.md's "Test vectors" section (after its heading)."""
+    data = build() if data is None else data
+    keys = data["keys"]
+    out = [
+        "`tests/data/v2_vectors.json` holds the keys, the shared secret, the derived keys and",
+        f"{len(data['messages'])} sealed messages with fixed nonces: every type and status, 0 to 2 endpoints,",
+        "the \"none\" observed endpoint, and three non-canonical messages (non-zero reserved",
+        "bytes and appended plaintext) that receivers must accept.",
+        "`tests/rendezvous/v2/make_vectors.py` computes them with `struct` and the",
+        "`cryptography` package alone (no wgpunch code); `tests/rendezvous/v2/` checks the codec",
+        "against them both ways, and that the hex below is theirs. Private keys are",
+        "`sha256(\"wgpunch v2 test vector <who>\")` clamped, nonces the first 12 bytes of",
+        "`sha256(\"wgpunch v2 test nonce <name>\")`. All values are hex; the hex of a",
+        "datagram is shown 32 bytes to a line.",
+        "",
+    ]
+    width = max(len(k) for k in keys)
+    out += [f"    {k.ljust(width)}  {v}" for k, v in keys.items() if k != "peer_private"]
+    for name, title in DOC_MESSAGES.items():
+        m = next(x for x in data["messages"] if x["name"] == name)
+        text = f"**{title}** (`{name}`, {m['length']} bytes): {_describe(m, keys)}."
+        out += [
+            "",
+            *textwrap.wrap(text, 90, break_on_hyphens=False),
+            "",
+            f"    nonce     {m['nonce']}",
+            "    plaintext",
+            *_hex_lines(bytes.fromhex(m["plaintext"])),
+            "    datagram",
+            *_hex_lines(bytes.fromhex(m["datagram"])),
+        ]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     text = render()
@@ -185,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{OUT} is out of date: run {Path(__file__).name}", file=sys.stderr)
             return 1
         return 0
+    if args == ["--doc"]:
+        print(render_doc(), end="")
+        return 0
     if args:
-        print("usage: make_vectors.py [--check]", file=sys.stderr)
+        print("usage: make_vectors.py [--check | --doc]", file=sys.stderr)
         return 2
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text)

@@ -459,3 +459,12 @@ def test_random_plaintexts_parse_or_raise_wire_error(cls: type) -> None:
         parsed += 1
         assert cls.from_bytes(body.to_bytes()) == body
     assert parsed > 500  # the mutations must reach the successful path too
+
+
+def test_protocol_doc_shows_the_stored_vectors() -> None:
+    """docs/PROTOCOL.md's "Test vectors" section is make_vectors.render_doc() of the JSON."""
+    doc = (vectors.PATH.parents[2] / "docs" / "PROTOCOL.md").read_text()
+    start = doc.index("## Test vectors\n") + len("## Test vectors\n\n")
+    end = doc.find("\n## ", start)
+    section = doc[start:] if end < 0 else doc[start : end + 1]
+    assert section == make_vectors.render_doc(vectors.load())
