@@ -16,6 +16,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 
 __all__ = [
     "ENDPOINT_LEN",
@@ -67,6 +68,7 @@ NONE_BYTES = bytes(ENDPOINT_LEN)  # the all-zero endpoint ("::" port 0) means "n
 
 _PREFIX = MAGIC + bytes((VERSION,))
 _MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4-mapped IPv6
+_UNSPEC6, _UNSPEC4 = bytes(16), _MAPPED + bytes(4)
 _U8, _U16, _U32, _U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 
 _REQUEST = struct.Struct("!QIBBH32s")  # timestamp, request_id, flags, nat, reserved, peer
@@ -108,22 +110,27 @@ def header(t: MsgType) -> bytes:
 
 def parse_header(data: bytes) -> MsgType:
     """The type of a datagram whose header is valid; :class:`WireError` otherwise."""
+    t = _HEADERS.get(bytes(data[:HEADER_LEN]))
+    if t is not None:
+        return t
     if len(data) < HEADER_LEN:
         raise WireError(f"datagram of {len(data)} bytes is shorter than the {HEADER_LEN}-byte header")
     if data[:3] != MAGIC:
         raise WireError(f"magic {bytes(data[:3]).hex()} is not {MAGIC.hex()}")
     if data[3] != VERSION:
         raise WireError(f"version {data[3]} is not {VERSION}")
-    try:
-        t = MsgType(data[4])
-    except ValueError:
-        raise WireError(f"type {data[4]} is not a known message type (1..3)") from None
-    if data[5:8] != b"\0\0\0":
-        raise WireError(f"reserved header bytes {bytes(data[5:8]).hex()} are not zero")
-    return t
+    if data[4] not in _TYPES:
+        raise WireError(f"type {data[4]} is not a known message type (1..3)")
+    raise WireError(f"reserved header bytes {bytes(data[5:8]).hex()} are not zero")
+
+
+_TYPES = {int(t): t for t in MsgType}
+_HEADERS = {_PREFIX + bytes((t, 0, 0, 0)): t for t in MsgType}
 
 
 def _uint(name: str, value: object, mask: int) -> int:
+    if type(value) is int and 0 <= value <= mask:  # the common case, fast
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= mask:
         raise WireError(f"{name} {value!r} is not an integer in 0..{mask}")
     return value
@@ -183,6 +190,12 @@ class Endpoint:
         """True for the all-zero endpoint ``[::]:0``, which the wire uses for "none"."""
         return self.port == 0 and self._addr == bytes(16)
 
+    @property
+    def usable(self) -> bool:
+        """False for port 0 or an unspecified address (``::``, ``0.0.0.0``): nobody can
+        send to those, so a reply or notify never carries them as peer endpoints."""
+        return self.port != 0 and self._addr != _UNSPEC6 and self._addr != _UNSPEC4
+
     def to_bytes(self) -> bytes:
         """The 18-byte wire form: 16-byte address (IPv4 mapped) and port."""
         return self._addr + _PORT.pack(self.port)
@@ -201,12 +214,13 @@ class Endpoint:
 
     @classmethod
     def from_source(cls, packed: bytes) -> Endpoint:
-        """The inverse of :meth:`source_bytes` (an IPv4-mapped 18-byte source is IPv4)."""
-        if len(packed) == 6:
-            return cls._from_addr(_MAPPED + bytes(packed[:4]), _PORT.unpack_from(packed, 4)[0])
-        if len(packed) == 18:
-            return cls._from_addr(bytes(packed[:16]), _PORT.unpack_from(packed, 16)[0])
-        raise WireError(f"packed source must be 6 or 18 bytes, got {len(packed)}")
+        """The inverse of :meth:`source_bytes` (an IPv4-mapped 18-byte source is IPv4).
+
+        Memoised (endpoints are immutable): the server sees the same sources again and again.
+        """
+        if len(packed) != 6 and len(packed) != 18:
+            raise WireError(f"packed source must be 6 or 18 bytes, got {len(packed)}")
+        return _from_source(bytes(packed))
 
     @classmethod
     def parse(cls, text: str) -> Endpoint:
@@ -223,6 +237,13 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port}" if self.family == 4 else f"[{self.ip}]:{self.port}"
+
+
+@lru_cache(maxsize=4096)
+def _from_source(packed: bytes) -> Endpoint:
+    if len(packed) == 6:
+        return Endpoint._from_addr(_MAPPED + packed[:4], _PORT.unpack_from(packed, 4)[0])
+    return Endpoint._from_addr(packed[:16], _PORT.unpack_from(packed, 16)[0])
 
 
 def _ntop(addr: bytes) -> str:
@@ -261,7 +282,7 @@ def _peer_endpoints(name: str, value: object, low: int) -> tuple[Endpoint, ...]:
     for i, ep in enumerate(value):
         if not isinstance(ep, Endpoint):
             raise WireError(f"{name}[{i}] {ep!r} is not an Endpoint")
-        if ep.port == 0 or ep._addr in (bytes(16), _MAPPED + bytes(4)):
+        if not ep.usable:
             raise WireError(f"{name}[{i}] {ep} is not a usable peer endpoint")
     return tuple(value)
 
@@ -303,7 +324,12 @@ class RequestBody:
         if len(data) < REQUEST_PLAIN_LEN:
             raise WireError(f"request plaintext of {len(data)} bytes is shorter than {REQUEST_PLAIN_LEN}")
         ts, rid, flags, nat, _reserved, peer = _REQUEST.unpack_from(data)
-        return cls(ts, rid, peer, nat, flags)
+        if rid == 0:
+            raise WireError("request_id 0 is not allowed (must be non-zero)")
+        # struct guarantees every range: skip __post_init__ on this hot path.
+        self = object.__new__(cls)
+        self.__dict__.update(timestamp=ts, request_id=rid, peer=peer, nat=nat, flags=flags)
+        return self
 
 
 @dataclass(frozen=True)
@@ -319,10 +345,13 @@ class ReplyBody:
 
     def __post_init__(self) -> None:
         _uint("request_id", self.request_id, _U32)
-        try:
-            object.__setattr__(self, "status", Status(self.status))
-        except ValueError:
-            raise WireError(f"status {self.status!r} is not a known status (0..2)") from None
+        if type(self.status) is not Status:
+            if isinstance(self.status, bool):
+                raise WireError(f"status {self.status!r} is not a known status (0..2)")
+            try:
+                object.__setattr__(self, "status", Status(self.status))
+            except ValueError:
+                raise WireError(f"status {self.status!r} is not a known status (0..2)") from None
         _uint("server_time", self.server_time, _U64)
         if self.observed is not None and not isinstance(self.observed, Endpoint):
             raise WireError(f"observed {self.observed!r} is not an Endpoint or None")

@@ -179,6 +179,21 @@ def test_endpoint_none_helpers() -> None:
         endpoint_or_none(bytes(17))
 
 
+@pytest.mark.parametrize(
+    "ep, usable",
+    [(V4, True), (V6, True), (Endpoint("::", 0), False), (Endpoint("::", 1), False),
+     (Endpoint("0.0.0.0", 1), False), (Endpoint("1.2.3.4", 0), False), (Endpoint("::1", 1), True)],
+)
+def test_endpoint_usable(ep: Endpoint, usable: bool) -> None:
+    assert ep.usable is usable
+
+
+def test_from_source_is_memoised_and_accepts_memoryview() -> None:
+    packed = b"\x0a\x00\x00\x02\x01\xbb"
+    assert Endpoint.from_source(packed) is Endpoint.from_source(memoryview(packed))
+    assert Endpoint.from_source(bytearray(packed)) == Endpoint("10.0.0.2", 443)
+
+
 def test_endpoint_random_bytes_round_trip() -> None:
     rng = random.Random(6)
     for _ in range(2000):
@@ -366,6 +381,7 @@ def test_reply_wire_errors() -> None:
         (dict(request_id=2**32), "request_id 4294967296 is not"),
         (dict(status=3), "status 3 is not a known status"),
         (dict(status="found"), "status 'found' is not a known status"),
+        (dict(status=True), "status True is not a known status"),
         (dict(server_time=2**64), "server_time 18446744073709551616 is not"),
         (dict(observed="1.2.3.4:5"), "observed '1.2.3.4:5' is not an Endpoint or None"),
         (dict(endpoints=(V6, V4, V4)), r"endpoints count 3 is not in 0..2"),
