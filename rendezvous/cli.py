@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .classic import DEFAULT_PORT
-from .server import ListenError, Server, ServerOptions
+from .server import ListenError, Server, ServerOptions, format_address
 from .service import Config, Service
 
 __all__ = ["main", "build_parser"]
@@ -23,27 +25,47 @@ Rendezvous server for WireGuard NAT hole punching.
 Each wg-punch client sends {its public key, the peer's public key} from WireGuard's
 own UDP port. The server records the address and port it saw the request come from
 (the client's public NAT mapping) and answers with the peer's, so the two peers can
-set each other's endpoint and talk directly. Compatible on the wire with the example
-in wireguard-tools (contrib/nat-hole-punching): 64-byte requests, 6-byte or empty
-replies, UDP port 49918.
+set each other's endpoint and talk directly. Two protocols share the port:
+
+  classic  compatible on the wire with the example in wireguard-tools
+           (contrib/nat-hole-punching): 64-byte requests, 6-byte or empty replies,
+           IPv4 only, no authentication. On unless --no-classic or --require-auth.
+  v2       (docs/PROTOCOL.md) on when --key gives the server a private key: every
+           request proves it holds the WireGuard key it registers, replies are
+           encrypted, a peer is revealed only to keys it asked for itself (mutual
+           consent), IPv4 and IPv6, and when a pair becomes mutual the server
+           notifies the first peer at once so that both punch together.
+
+commands:
+  wg-rendezvous genkey    print a new private key (base64, like `wg genkey`)
+  wg-rendezvous pubkey    read a private key on stdin, print its public key
 """
 
 EPILOG = """\
 examples:
-  wg-rendezvous                          listen on 0.0.0.0:49918
+  wg-rendezvous                          classic only, on 0.0.0.0:49918 and [::]:49918
   wg-rendezvous --listen 203.0.113.7     one address only
   wg-rendezvous --rate 0 -v              no rate limit, log every request
 
-The host's firewall must let UDP to the port in. Run it as an ordinary user unless
-the port is below 1024. SIGTERM or SIGINT stops it cleanly (exit 0).
+  umask 077; wg-rendezvous genkey > server.key
+  wg-rendezvous pubkey < server.key      the key clients pin (wg-punch --server-key)
+  wg-rendezvous --key server.key         classic and v2
+  wg-rendezvous --key server.key --require-auth
+                                         v2 only: unauthenticated requests are refused
+  wg-rendezvous --key server.key --listen 0.0.0.0 --listen 2001:db8::7
+
+The server key must be dedicated to wg-rendezvous, never a WireGuard interface's
+key. Its public key is also logged at start. The host's firewall must let UDP to the
+port in. Run it as an ordinary user unless the port is below 1024. SIGTERM or SIGINT
+stops it cleanly (exit 0).
 """
 
 
-def _ipv4(text: str) -> str:
+def _address(text: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(text))
+        return str(ipaddress.ip_address(text.strip("[]") if text.startswith("[") else text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not an IPv4 address or IPv6 address: {text!r}") from None
 
 
 def _port(text: str) -> int:
@@ -73,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wg-rendezvous", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--listen", metavar="ADDR", action="append", type=_ipv4,
-                   help="IPv4 address to listen on; repeat for several (default 0.0.0.0)")
+    p.add_argument("--listen", metavar="ADDR", action="append", type=_address,
+                   help="IPv4 or IPv6 address to listen on; repeat for several (default "
+                        "0.0.0.0 and ::, the latter skipped with a log line on a host "
+                        "without IPv6)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"UDP port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--ttl", type=_nonneg(float), default=180.0, metavar="S",
@@ -92,11 +116,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io", choices=("auto", "mmsg", "plain"), default="auto",
                    help="datagram I/O: batched recvmmsg/sendmmsg, or one call per "
                         "datagram (default auto: batched where available)")
+    v2 = p.add_argument_group("protocol v2 (authenticated)")
+    v2.add_argument("--key", metavar="FILE",
+                    help="the server's private key (from `wg-rendezvous genkey`); enables v2")
+    v2.add_argument("--classic", action=argparse.BooleanOptionalAction, default=None,
+                    help="serve the unauthenticated classic protocol too (default on)")
+    v2.add_argument("--require-auth", action="store_true",
+                    help="v2 only: refuse classic requests (needs --key)")
+    v2.add_argument("--max-skew", type=_nonneg(float), default=300.0, metavar="S",
+                    help="accept a v2 request only if its timestamp is within S seconds "
+                         "of the server's clock; 0 = no window (default 300)")
+    v2.add_argument("--notify-rate", type=_nonneg(float), default=10.0, metavar="R",
+                    help="notifications per second sent to one client key; 0 = no limit "
+                         "(default 10)")
+    v2.add_argument("--notify-burst", type=_nonneg(float), default=20.0, metavar="B",
+                    help="burst of notifications allowed per client key (default 20)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return p
 
 
+def _fail(message: str, code: int = 2) -> int:
+    print(f"wg-rendezvous: {message}", file=sys.stderr)
+    return code
+
+
+def _genkey() -> int:
+    from .v2.keys import encode_key, generate_private_key
+    print(encode_key(generate_private_key()))
+    return 0
+
+
+def _pubkey() -> int:
+    from .v2.keys import KeyFormatError, decode_key, encode_key, public_key
+    try:
+        private = decode_key(sys.stdin.read(4096))
+    except KeyFormatError as e:
+        return _fail(f"pubkey: {e}", 1)
+    print(encode_key(public_key(private)))
+    return 0
+
+
+def _read_server_key(path: str) -> tuple[bytes, bool]:
+    """The server's private key, and whether others may read the file (wg warns)."""
+    from .v2.keys import read_key_file
+    key = read_key_file(path)
+    try:
+        loose = bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+    except OSError:
+        loose = False
+    return key, loose
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["genkey"] and len(argv) == 1:
+        return _genkey()
+    if argv[:1] == ["pubkey"] and len(argv) == 1:
+        return _pubkey()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -109,20 +185,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rate > 0 and args.burst < 1:
         log.error("--burst must be at least 1 when --rate is on")
         return 2
-    listen = [(a, args.port) for a in (args.listen or ["0.0.0.0"])]
-    config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst)
-    server = Server(Service(config), ServerOptions(
-        listen=listen, io=args.io, stats_interval=args.stats_interval, verbose=args.verbose))
+    if args.notify_rate > 0 and args.notify_burst < 1:
+        return _fail("--notify-burst must be at least 1 when --notify-rate is on")
+    if args.require_auth and args.key is None:
+        return _fail("--require-auth needs --key FILE (the server's private key)")
+    if args.require_auth and args.classic:
+        return _fail("--require-auth refuses classic requests; drop --classic")
+    classic = not args.require_auth and args.classic is not False
+    if not classic and args.key is None:
+        return _fail("--no-classic without --key leaves no protocol to serve")
+    crypto = None
+    loose_key = False
+    if args.key is not None:
+        from .v2.crypto import ServerCrypto
+        from .v2.keys import KeyFormatError, encode_key
+        try:
+            private, loose_key = _read_server_key(args.key)
+            crypto = ServerCrypto(private)
+        except KeyFormatError as e:
+            return _fail(f"--key: {e}")
+        except OSError as e:
+            return _fail(f"--key: cannot read {args.key}: {e.strerror}")
+    listen = [(a, args.port) for a in (args.listen or ["0.0.0.0", "::"])]
+    config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
+                    classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
+                    notify_burst=args.notify_burst)
+    server = Server(Service(config, crypto), ServerOptions(
+        listen=listen, io=args.io, stats_interval=args.stats_interval, verbose=args.verbose,
+        ipv6_optional=args.listen is None))
     try:
         server.open()
     except ListenError as e:
-        print(f"wg-rendezvous: {e.strerror}", file=sys.stderr)
-        return 1
+        return _fail(e.strerror, 1)
     server.install_signal_handlers()
-    addrs = ", ".join(f"{a}:{p}" for a, p in server.addresses)
+    addrs = ", ".join(format_address(a, p) for a, p in server.addresses)
     rate = f"{args.rate:g}/s burst {args.burst:g}" if args.rate > 0 else "off"
-    log.info("listening on %s (ttl %gs, max peers %d, rate limit per source %s)",
-             addrs, args.ttl, args.max_peers, rate)
+    protocols = ["classic"] if classic else []
+    if crypto is not None:
+        skew = f"{args.max_skew:g}s" if args.max_skew > 0 else "off"
+        notify = (f"{args.notify_rate:g}/s burst {args.notify_burst:g}"
+                  if args.notify_rate > 0 else "unlimited")
+        protocols.append(f"v2 (max skew {skew}, notify {notify} per key, "
+                         f"server public key {encode_key(crypto.server_public)})")
+    log.info("listening on %s (ttl %gs, max peers %d, rate limit per source %s; %s)",
+             addrs, args.ttl, args.max_peers, rate, " + ".join(protocols))
+    for why in server.skipped:
+        log.info("%s: serving IPv4 only", why)
+    if loose_key:
+        log.warning("key file %s is accessible to other users (chmod 600 it)", args.key)
     try:
         server.serve()
     except KeyboardInterrupt:

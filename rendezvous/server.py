@@ -2,6 +2,14 @@
 
 All decisions are made by :class:`rendezvous.service.Service`; this module only moves
 datagrams between the kernel and it, in batches (recvmmsg/sendmmsg) where it can.
+
+Dual stack: IPv4 sockets and IPv6 sockets (``IPV6_V6ONLY``, so an IPv6 socket never sees
+IPv4-mapped sources) are opened side by side on one port. A wildcard bind asks for the
+request's destination address (``IP_PKTINFO`` / ``IPV6_RECVPKTINFO``) so that the reply
+leaves from the address the client talked to. IPv6 sockets use the per-datagram reader.
+After each read, the v2 notifications the service queued are sent from a socket of the
+destination's family, from the local address the notified client's request arrived at
+when that is known; a failed send is counted, never fatal.
 """
 
 from __future__ import annotations
@@ -18,13 +26,19 @@ from dataclasses import dataclass
 from . import mmsg
 from .classic import format_endpoint, short_key
 from .service import Service
+from .v2.wire import Endpoint, looks_like_v2
 
-__all__ = ["ListenError", "Server", "ServerOptions", "open_socket"]
+__all__ = ["ListenError", "Server", "ServerOptions", "format_address", "open_socket"]
 
 log = logging.getLogger(__name__)
 
 _SO_RCVBUF = 4 << 20
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: & on the IntFlag costs microseconds
+
+
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 
 
 class ListenError(OSError):
@@ -33,35 +47,58 @@ class ListenError(OSError):
 
 @dataclass(frozen=True)
 class ServerOptions:
-    listen: Sequence[tuple[str, int]] = (("0.0.0.0", 49918),)
+    listen: Sequence[tuple[str, int]] = (("0.0.0.0", 49918), ("::", 49918))
     io: str = "auto"  # auto | mmsg | plain
     stats_interval: float = 60.0
     verbose: bool = False
     batch: int = 64
+    ipv6_optional: bool = False  # skip a "::" that fails for lack of IPv6 (the default)
+
+
+def is_ipv6(addr: str) -> bool:
+    return ":" in addr
+
+
+def format_address(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if is_ipv6(addr) else f"{addr}:{port}"
 
 
 def open_socket(addr: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to ADDR:PORT, with IP_PKTINFO on a wildcard bind."""
+    """A non-blocking UDP socket bound to ADDR:PORT (IPv4 or IPv6), asking for the
+    destination address of each datagram on a wildcard bind."""
+    v6 = is_ipv6(addr)
+    where = format_address(addr, port)
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     except OSError as e:
-        raise ListenError(e.errno, f"cannot create a UDP socket: {e.strerror}") from None
+        why = "IPv6 is not available on this host" if v6 and e.errno in _NO_IPV6 else e.strerror
+        raise ListenError(e.errno, f"cannot listen on {where}: {why}") from None
     try:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SO_RCVBUF)
         except OSError:
             pass
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((addr, port))
         if addr == "0.0.0.0":
             sock.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
+        elif addr == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
         sock.setblocking(False)
     except OSError as e:
         sock.close()
         why = {errno.EADDRINUSE: "address already in use",
                errno.EACCES: "permission denied (ports below 1024 need root)",
                errno.EADDRNOTAVAIL: "no such local address"}.get(e.errno or 0, e.strerror)
-        raise ListenError(e.errno, f"cannot listen on {addr}:{port}: {why}") from None
+        if v6 and addr == "::" and e.errno == errno.EADDRNOTAVAIL:
+            why = "IPv6 is not available on this host"
+        raise ListenError(e.errno, f"cannot listen on {where}: {why}") from None
     return sock
+
+
+def _is_wildcard(sock: socket.socket) -> bool:
+    return sock.getsockname()[0] in ("0.0.0.0", "::")
 
 
 class Server:
@@ -73,23 +110,43 @@ class Server:
         self.options = options
         self.clock = clock
         self.sockets: list[socket.socket] = []
+        self.skipped: list[str] = []  # optional addresses that could not be opened, and why
         self.send_failed = 0
-        self._running = False
+        self.notify_sent = 0
+        self.notify_failed = 0
+        self._routes: list[tuple[int, bytes | None, socket.socket]] = []  # family, bound, sock
+        self._running = True  # until stop(): a signal before serve() must still stop it
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
 
     def open(self) -> None:
+        """Open every listening socket. Port 0 picks a free port for the first socket and
+        the others share it. A failing ``::`` is skipped when IPv6 is optional and the
+        host has none."""
         try:
             for addr, port in self.options.listen:
-                self.sockets.append(open_socket(addr, port))
+                if port == 0 and self.sockets:
+                    port = self.sockets[0].getsockname()[1]
+                try:
+                    self.sockets.append(open_socket(addr, port))
+                except ListenError as e:
+                    if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
+                        raise
+                    self.skipped.append(e.strerror)  # the caller logs it
         except ListenError:
             self.close()
             raise
+        self._routes = []
+        for sock in self.sockets:
+            v6 = sock.family == socket.AF_INET6
+            host = sock.getsockname()[0]
+            bound = None if _is_wildcard(sock) else socket.inet_pton(sock.family, host)
+            self._routes.append((6 if v6 else 4, bound, sock))
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname() for s in self.sockets]
+        return [s.getsockname()[:2] for s in self.sockets]
 
     def close(self) -> None:
         for s in self.sockets:
@@ -122,8 +179,8 @@ class Server:
         use_mmsg = self._use_mmsg()
         handlers: dict[int, Callable[[], None]] = {}
         for sock in self.sockets:
-            pktinfo = sock.getsockname()[0] == "0.0.0.0"
-            if use_mmsg:
+            pktinfo = _is_wildcard(sock)
+            if use_mmsg and sock.family == socket.AF_INET:
                 batch = mmsg.Batch(self.options.batch, 2048, pktinfo)
                 handlers[sock.fileno()] = self._mmsg_reader(sock, batch)
             else:
@@ -132,15 +189,19 @@ class Server:
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         poller.register(self._wake_r.fileno(), select.POLLIN)
-        self._running = True
         interval = self.options.stats_interval
         next_stats = self.clock() + interval if interval > 0 else float("inf")
         next_sweep = self.clock() + 10
+        service = self.service
         while self._running:
-            for fd, _ in poller.poll(1000):
+            events = poller.poll(1000)
+            service.set_wall_clock(self.clock(), time.time_ns())
+            for fd, _ in events:
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler()
+                    if service.v2 is not None:
+                        self.send_notifications()
             now = self.clock()
             self.service.tick(now)
             if now >= next_sweep:
@@ -153,6 +214,9 @@ class Server:
     def log_stats(self) -> None:
         stats = self.service.snapshot()
         stats["send_failed"] = self.send_failed
+        if self.service.v2 is not None:
+            stats["notify_sent"] = self.notify_sent
+            stats["notify_failed"] = self.notify_failed
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
 
     def _mmsg_reader(self, sock: socket.socket, batch: mmsg.Batch) -> Callable[[], None]:
@@ -170,6 +234,8 @@ class Server:
             for _ in range(16):
                 n, _sent, failed = batch.exchange(fd, handle, clock())
                 self.send_failed += failed
+                if self.service.v2 is not None:
+                    self.send_notifications()
                 if n < batch.size:
                     return
 
@@ -179,7 +245,10 @@ class Server:
         handle = self.service.handle
         clock = self.clock
         verbose = self.options.verbose
-        ancsize = socket.CMSG_SPACE(12) if pktinfo else 0
+        v6 = sock.family == socket.AF_INET6
+        ancsize = (socket.CMSG_SPACE(20 if v6 else 12)) if pktinfo else 0
+        pkt_level, pkt_type = ((socket.IPPROTO_IPV6, _IPV6_PKTINFO) if v6
+                               else (socket.IPPROTO_IP, mmsg.IP_PKTINFO))
 
         def read() -> None:
             for _ in range(1024):
@@ -192,26 +261,79 @@ class Server:
                     continue
                 if flags & _MSG_TRUNC:
                     data = data + b"\0"  # any truncated datagram is too long to be valid
-                src = socket.inet_aton(addr[0]) + addr[1].to_bytes(2, "big")
-                reply = handle(data, src, clock())
+                port = addr[1].to_bytes(2, "big")
+                if v6:
+                    src = socket.inet_pton(socket.AF_INET6, addr[0].partition("%")[0]) + port
+                else:
+                    src = socket.inet_aton(addr[0]) + port
+                local = None
+                cmsg: list[tuple[int, int, bytes]] = []
+                for lvl, typ, d in anc:
+                    if lvl != pkt_level or typ != pkt_type:
+                        continue
+                    if v6 and len(d) >= 20:  # in6_pktinfo: addr, ifindex
+                        local = d[:16]
+                        cmsg = [(lvl, typ, d[:20])]
+                    elif not v6 and len(d) >= 12:  # in_pktinfo: ifindex, spec_dst, addr
+                        local = d[8:12]
+                        cmsg = [(lvl, typ, bytes(4) + d[8:12] + bytes(4))]
+                reply = handle(data, src, clock(), local)
                 if verbose:
                     self._log_request(data, src, reply)
                 if reply is None:
                     continue
-                cmsg = [(lvl, typ, bytes(4) + d[8:12] + bytes(4))
-                        for lvl, typ, d in anc if typ == mmsg.IP_PKTINFO and len(d) >= 12]
                 try:
                     sock.sendmsg([reply], cmsg, 0, addr)
                 except OSError as e:
                     self.send_failed += 1
-                    log.debug("sendmsg to %s:%d: %s", addr[0], addr[1], e)
+                    log.debug("sendmsg to %s: %s", addr, e)
 
         return read
 
+    def send_notifications(self) -> int:
+        """Send the v2 notifications the service queued; return how many were sent."""
+        sent = 0
+        for n in self.service.drain_notifications():
+            dest = n.destination
+            fam = 4 if len(dest) == 6 else 6
+            # the socket bound to the local address, else a wildcard one (with that
+            # address as the source where known), else any socket of the family
+            same = [(bound, s) for family, bound, s in self._routes if family == fam]
+            sock = next((s for bound, s in same if bound is not None and bound == n.local), None)
+            cmsg: list[tuple[int, int, bytes]] = []
+            if sock is None:
+                sock = next((s for bound, s in same if bound is None), None)
+                if sock is not None and n.local is not None:
+                    cmsg = ([(socket.IPPROTO_IPV6, _IPV6_PKTINFO, n.local + bytes(4))] if fam == 6
+                            else [(socket.IPPROTO_IP, mmsg.IP_PKTINFO,
+                                   bytes(4) + n.local + bytes(4))])
+            if sock is None and same:
+                sock = same[0][1]
+            if sock is None:
+                self.notify_failed += 1
+                continue
+            port = int.from_bytes(dest[-2:], "big")
+            to: tuple[str, int] | tuple[str, int, int, int]
+            if fam == 4:
+                to = (socket.inet_ntoa(dest[:4]), port)
+            else:
+                to = (socket.inet_ntop(socket.AF_INET6, dest[:16]), port, 0, 0)
+            try:
+                sock.sendmsg([n.datagram], cmsg, 0, to)
+            except OSError as e:
+                self.notify_failed += 1
+                log.debug("notify to %s: %s", to, e)
+                continue
+            sent += 1
+        self.notify_sent += sent
+        return sent
+
     @staticmethod
     def _log_request(data: bytes, src: bytes, reply: bytes | None) -> None:
-        who = format_endpoint(src)
-        if len(data) != 64:
+        who = str(Endpoint.from_source(src))
+        if len(data) != 64 and looks_like_v2(data):
+            log.debug("%s: v2 %s", who, "dropped" if reply is None else f"reply of {len(reply)} bytes")
+        elif len(data) != 64:
             log.debug("%s: dropped a %d-byte datagram", who, len(data))
         elif reply is None:
             log.debug("%s: dropped request from %s", who, short_key(data[:32]))
