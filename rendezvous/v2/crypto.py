@@ -20,10 +20,10 @@ from collections import OrderedDict
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from rendezvous.v2.wire import (
     HEADER_LEN,
@@ -32,6 +32,7 @@ from rendezvous.v2.wire import (
     REQUEST_AD_LEN,
     REQUEST_LEN,
     SERVER_MSG_OVERHEAD,
+    BytesLike,
     MsgType,
     NotifyBody,
     ReplyBody,
@@ -104,12 +105,14 @@ def derive_keys(shared: bytes, client_pub: bytes, server_pub: bytes) -> tuple[by
     return okm[:32], okm[32:]
 
 
-def _open_server_msg(aead: ChaCha20Poly1305, datagram: bytes) -> ReplyBody | NotifyBody:
+def _open_server_msg(aead: ChaCha20Poly1305, datagram: BytesLike) -> ReplyBody | NotifyBody:
     t = parse_header(datagram)
     if t is MsgType.REQUEST:
         raise WireError("type 1 (request) is not a message for a client")
     if len(datagram) < SERVER_MSG_OVERHEAD:
-        raise WireError(f"{t.name.lower()} of {len(datagram)} bytes is shorter than {SERVER_MSG_OVERHEAD}")
+        raise WireError(
+            f"{t.name.lower()} of {len(datagram)} bytes is shorter than {SERVER_MSG_OVERHEAD}"
+        )
     data = bytes(datagram)
     nonce_end = HEADER_LEN + NONCE_LEN
     try:
@@ -126,7 +129,9 @@ class ClientCrypto:
         private = X25519PrivateKey.from_private_bytes(_check_key("client_private", client_private))
         self.client_public: bytes = _raw_public(private)
         self.server_public: bytes = _check_key("server_public", server_public)
-        k_c2s, k_s2c = derive_keys(x25519(private, self.server_public), self.client_public, self.server_public)
+        k_c2s, k_s2c = derive_keys(
+            x25519(private, self.server_public), self.client_public, self.server_public
+        )
         self._seal = ChaCha20Poly1305(k_c2s)
         self._open = ChaCha20Poly1305(k_s2c)
         self._ad = _HDR_REQUEST + self.client_public
@@ -140,7 +145,7 @@ class ClientCrypto:
         """The 116-byte request datagram; ``nonce`` is random unless given (tests)."""
         return self.seal_request_bytes(body.to_bytes(), nonce)
 
-    def open(self, datagram: bytes) -> ReplyBody | NotifyBody:
+    def open(self, datagram: BytesLike) -> ReplyBody | NotifyBody:
         """Open a reply or notify from the server (WireError / AuthError)."""
         return _open_server_msg(self._open, datagram)
 
@@ -156,7 +161,9 @@ class ServerCrypto:
     def __init__(self, server_private: bytes, cache_size: int = 65536) -> None:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size {cache_size!r} is not a non-negative integer")
-        self._private = X25519PrivateKey.from_private_bytes(_check_key("server_private", server_private))
+        self._private = X25519PrivateKey.from_private_bytes(
+            _check_key("server_private", server_private)
+        )
         self.server_public: bytes = _raw_public(self._private)
         self.cache_size = cache_size
         self.cache_hits = 0
@@ -168,7 +175,9 @@ class ServerCrypto:
         return len(self._cache)
 
     def _derive(self, client_pub: bytes) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305]:
-        k_c2s, k_s2c = derive_keys(x25519(self._private, client_pub), client_pub, self.server_public)
+        k_c2s, k_s2c = derive_keys(
+            x25519(self._private, client_pub), client_pub, self.server_public
+        )
         return ChaCha20Poly1305(k_c2s), ChaCha20Poly1305(k_s2c)
 
     def _lookup(self, client_pub: bytes) -> tuple[ChaCha20Poly1305, ChaCha20Poly1305] | None:
@@ -195,7 +204,7 @@ class ServerCrypto:
             self._store(client_pub, entry)
         return entry
 
-    def open_request(self, datagram: bytes) -> tuple[bytes, RequestBody]:
+    def open_request(self, datagram: BytesLike) -> tuple[bytes, RequestBody]:
         """``(client_public, body)`` of an authentic request; WireError / AuthError otherwise."""
         if len(datagram) < REQUEST_LEN:
             raise WireError(f"request of {len(datagram)} bytes is shorter than {REQUEST_LEN}")
@@ -209,7 +218,9 @@ class ServerCrypto:
         if entry is None:
             entry = self._derive(client_pub)
         try:
-            plain = entry[0].decrypt(data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN])
+            plain = entry[0].decrypt(
+                data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN]
+            )
         except InvalidTag:
             raise AuthError(f"request from key {client_pub.hex()} does not authenticate") from None
         if fresh:
@@ -221,7 +232,9 @@ class ServerCrypto:
         nonce = _nonce(nonce)
         return hdr + nonce + aead.encrypt(nonce, plaintext, hdr)
 
-    def seal_bytes(self, client_pub: bytes, t: MsgType, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+    def seal_bytes(
+        self, client_pub: bytes, t: MsgType, plaintext: bytes, nonce: bytes | None = None
+    ) -> bytes:
         """A reply or notify datagram around any plaintext (for tests of lax parsing)."""
         if t not in (MsgType.REPLY, MsgType.NOTIFY):
             raise ValueError(f"the server seals replies and notifies, not type {t!r}")

@@ -63,7 +63,7 @@ def encode_key(raw: bytes) -> str:
     return base64.b64encode(bytes(raw)).decode("ascii")
 
 
-def decode_key(text: str) -> bytes:
+def decode_key(text: str | bytes) -> bytes:
     """The 32 bytes of a base64 key; surrounding whitespace is ignored.
 
     Strict like ``wg``: exactly 44 characters of the standard alphabet, one ``=`` of
@@ -79,7 +79,9 @@ def decode_key(text: str) -> bytes:
     # The text is never echoed: it may be a (mangled) private key.
     s = text.strip()
     if len(s) != _B64_LEN:
-        raise KeyFormatError(f"key is {len(s)} characters, not {_B64_LEN} (base64 of {KEY_LEN} bytes)")
+        raise KeyFormatError(
+            f"key is {len(s)} characters, not {_B64_LEN} (base64 of {KEY_LEN} bytes)"
+        )
     try:
         raw = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
@@ -98,7 +100,9 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
     with open(path, "rb") as f:
         data = f.read(_MAX_FILE + 1)
     if len(data) > _MAX_FILE:
-        raise KeyFormatError(f"key file {os.fspath(path)}: more than {_MAX_FILE} bytes, not one key")
+        raise KeyFormatError(
+            f"key file {os.fspath(path)}: more than {_MAX_FILE} bytes, not one key"
+        )
     try:
         return decode_key(data.decode("ascii"))
     except UnicodeDecodeError:

@@ -19,6 +19,7 @@ from enum import IntEnum
 from functools import lru_cache
 
 __all__ = [
+    "BytesLike",
     "ENDPOINT_LEN",
     "HEADER_LEN",
     "KEY_LEN",
@@ -49,6 +50,8 @@ __all__ = [
     "parse_header",
     "reply_len",
 ]
+
+BytesLike = bytes | bytearray | memoryview  # what the decoders accept
 
 MAGIC = b"wgp"
 VERSION = 2
@@ -95,7 +98,7 @@ class Status(IntEnum):
     STALE = 2
 
 
-def looks_like_v2(data: bytes) -> bool:
+def looks_like_v2(data: BytesLike) -> bool:
     """Cheap hot-path test: longer than a classic request and starts ``wgp`` 2."""
     return len(data) > 64 and data[:4] == _PREFIX
 
@@ -108,13 +111,15 @@ def header(t: MsgType) -> bytes:
         raise WireError(f"type {t!r} is not a known message type (1..3)") from None
 
 
-def parse_header(data: bytes) -> MsgType:
+def parse_header(data: BytesLike) -> MsgType:
     """The type of a datagram whose header is valid; :class:`WireError` otherwise."""
     t = _HEADERS.get(bytes(data[:HEADER_LEN]))
     if t is not None:
         return t
     if len(data) < HEADER_LEN:
-        raise WireError(f"datagram of {len(data)} bytes is shorter than the {HEADER_LEN}-byte header")
+        raise WireError(
+            f"datagram of {len(data)} bytes is shorter than the {HEADER_LEN}-byte header"
+        )
     if data[:3] != MAGIC:
         raise WireError(f"magic {bytes(data[:3]).hex()} is not {MAGIC.hex()}")
     if data[3] != VERSION:
@@ -138,7 +143,11 @@ def _uint(name: str, value: object, mask: int) -> int:
 
 def _key(name: str, value: object) -> bytes:
     if not isinstance(value, (bytes, bytearray, memoryview)) or len(value) != KEY_LEN:
-        size = len(value) if isinstance(value, (bytes, bytearray, memoryview)) else type(value).__name__
+        size = (
+            len(value)
+            if isinstance(value, (bytes, bytearray, memoryview))
+            else type(value).__name__
+        )
         raise WireError(f"{name} must be {KEY_LEN} bytes, got {size}")
     return bytes(value)
 
@@ -201,7 +210,7 @@ class Endpoint:
         return self._addr + _PORT.pack(self.port)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Endpoint:
+    def from_bytes(cls, data: BytesLike) -> Endpoint:
         """The inverse of :meth:`to_bytes` (all-zero bytes give ``[::]:0``)."""
         if len(data) != ENDPOINT_LEN:
             raise WireError(f"endpoint must be {ENDPOINT_LEN} bytes, got {len(data)}")
@@ -213,7 +222,7 @@ class Endpoint:
         return addr + _PORT.pack(self.port)
 
     @classmethod
-    def from_source(cls, packed: bytes) -> Endpoint:
+    def from_source(cls, packed: BytesLike) -> Endpoint:
         """The inverse of :meth:`source_bytes` (an IPv4-mapped 18-byte source is IPv4).
 
         Memoised (endpoints are immutable): the server sees the same sources again and again.
@@ -252,7 +261,7 @@ def _ntop(addr: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET6, addr)
 
 
-def endpoint_or_none(data: bytes) -> Endpoint | None:
+def endpoint_or_none(data: BytesLike) -> Endpoint | None:
     """Decode 18 bytes, with the all-zero endpoint as None."""
     if data == NONE_BYTES:
         return None
@@ -287,10 +296,12 @@ def _peer_endpoints(name: str, value: object, low: int) -> tuple[Endpoint, ...]:
     return tuple(value)
 
 
-def _decode_endpoints(name: str, data: bytes, offset: int, count: int) -> tuple[Endpoint, ...]:
+def _decode_endpoints(name: str, data: BytesLike, offset: int, count: int) -> tuple[Endpoint, ...]:
     need = offset + ENDPOINT_LEN * count
     if len(data) < need:
-        raise WireError(f"{name} plaintext of {len(data)} bytes is too short for {count} endpoints ({need})")
+        raise WireError(
+            f"{name} plaintext of {len(data)} bytes is too short for {count} endpoints ({need})"
+        )
     return tuple(
         Endpoint.from_bytes(data[o : o + ENDPOINT_LEN]) for o in range(offset, need, ENDPOINT_LEN)
     )
@@ -319,10 +330,12 @@ class RequestBody:
         return _REQUEST.pack(self.timestamp, self.request_id, self.flags, self.nat, 0, self.peer)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RequestBody:
+    def from_bytes(cls, data: BytesLike) -> RequestBody:
         """Decode a plaintext; bytes after the 48 known ones are ignored."""
         if len(data) < REQUEST_PLAIN_LEN:
-            raise WireError(f"request plaintext of {len(data)} bytes is shorter than {REQUEST_PLAIN_LEN}")
+            raise WireError(
+                f"request plaintext of {len(data)} bytes is shorter than {REQUEST_PLAIN_LEN}"
+            )
         ts, rid, flags, nat, _reserved, peer = _REQUEST.unpack_from(data)
         if rid == 0:
             raise WireError("request_id 0 is not allowed (must be non-zero)")
@@ -361,17 +374,26 @@ class ReplyBody:
     def to_bytes(self) -> bytes:
         return b"".join(
             (
-                _REPLY.pack(self.request_id, self.status, self.peer_nat, len(self.endpoints), 0, self.server_time),
+                _REPLY.pack(
+                    self.request_id,
+                    self.status,
+                    self.peer_nat,
+                    len(self.endpoints),
+                    0,
+                    self.server_time,
+                ),
                 endpoint_bytes(self.observed),
                 *(ep.to_bytes() for ep in self.endpoints),
             )
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ReplyBody:
+    def from_bytes(cls, data: BytesLike) -> ReplyBody:
         """Decode a plaintext; bytes after the endpoints are ignored."""
         if len(data) < REPLY_PLAIN_MIN:
-            raise WireError(f"reply plaintext of {len(data)} bytes is shorter than {REPLY_PLAIN_MIN}")
+            raise WireError(
+                f"reply plaintext of {len(data)} bytes is shorter than {REPLY_PLAIN_MIN}"
+            )
         rid, status, peer_nat, count, _reserved, server_time = _REPLY.unpack_from(data)
         if count > MAX_ENDPOINTS:
             raise WireError(f"reply endpoint count {count} is more than {MAX_ENDPOINTS}")
@@ -404,10 +426,12 @@ class NotifyBody:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> NotifyBody:
+    def from_bytes(cls, data: BytesLike) -> NotifyBody:
         """Decode a plaintext; bytes after the endpoints are ignored."""
         if len(data) < NOTIFY_PLAIN_MIN:
-            raise WireError(f"notify plaintext of {len(data)} bytes is shorter than {NOTIFY_PLAIN_MIN}")
+            raise WireError(
+                f"notify plaintext of {len(data)} bytes is shorter than {NOTIFY_PLAIN_MIN}"
+            )
         server_time, peer, peer_nat, count, _reserved = _NOTIFY.unpack_from(data)
         if not 1 <= count <= MAX_ENDPOINTS:
             raise WireError(f"notify endpoint count {count} is not in 1..{MAX_ENDPOINTS}")

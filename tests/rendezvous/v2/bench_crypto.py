@@ -1,6 +1,6 @@
 """Print what ServerCrypto.open_request costs (a figure, never an assertion).
 
-    python3 -m tests.rendezvous.v2.bench_crypto [-n N]
+python3 -m tests.rendezvous.v2.bench_crypto [-n N]
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from rendezvous.v2.wire import Endpoint, ReplyBody, RequestBody, Status
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=20000, help="datagrams per cached-key figure (fresh: n/10)")
+    ap.add_argument(
+        "-n", type=int, default=20000, help="datagrams per cached-key figure (fresh: n/10)"
+    )
     args = ap.parse_args(argv)
     server_priv = generate_private_key()
     server = ServerCrypto(server_priv)
@@ -31,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
 
     cached = min(per_call(server.open_request, [sealed] * args.n) for _ in range(3))
     fresh_items = [
-        ClientCrypto(generate_private_key(), server.server_public).seal_request(RequestBody(1, 1, bytes(32)))
+        ClientCrypto(generate_private_key(), server.server_public).seal_request(
+            RequestBody(1, 1, bytes(32))
+        )
         for _ in range(max(1, args.n // 10))
     ]
     fresh = per_call(ServerCrypto(server_priv, cache_size=0).open_request, fresh_items)
     reply = ReplyBody(1, Status.FOUND, 1, Endpoint("192.0.2.1", 5), (Endpoint("2001:db8::1", 6),))
-    seal = min(per_call(lambda b: server.seal_reply(client.client_public, b), [reply] * args.n) for _ in range(3))
+    seal = min(
+        per_call(lambda b: server.seal_reply(client.client_public, b), [reply] * args.n)
+        for _ in range(3)
+    )
     reply_dgram = server.seal_reply(client.client_public, reply)
     opened = min(per_call(client.open, [reply_dgram] * args.n) for _ in range(3))
     print(f"ServerCrypto.open_request, cached key: {cached:6.1f} us")

@@ -33,7 +33,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 OUT = Path(__file__).resolve().parents[2] / "data" / "v2_vectors.json"
 
 SALT = b"wgpunch v2 rendezvous"
-HEADERS = {1: b"wgp\x02\x01\x00\x00\x00", 2: b"wgp\x02\x02\x00\x00\x00", 3: b"wgp\x02\x03\x00\x00\x00"}
+HEADERS = {
+    1: b"wgp\x02\x01\x00\x00\x00",
+    2: b"wgp\x02\x02\x00\x00\x00",
+    3: b"wgp\x02\x03\x00\x00\x00",
+}
 
 # Public keys of small order (RFC 7748 section 6.1; Bernstein's list used by libsodium
 # and the Noise test suites): X25519 with any of them yields the all-zero secret.
@@ -60,7 +64,11 @@ def fixed_nonce(name: str) -> bytes:
 
 
 def public(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
 
 
 def endpoint(text: str | None) -> bytes:
@@ -78,13 +86,19 @@ def endpoint(text: str | None) -> bytes:
 def request_plain(f: dict[str, Any], reserved: int = 0) -> bytes:
     # timestamp 8 | request_id 4 | flags 1 | nat 1 | reserved 2 | peer_public 32
     peer = bytes.fromhex(f["peer"])
-    return struct.pack("!QIBBH", f["timestamp"], f["request_id"], f["flags"], f["nat"], reserved) + peer
+    return (
+        struct.pack("!QIBBH", f["timestamp"], f["request_id"], f["flags"], f["nat"], reserved)
+        + peer
+    )
 
 
 def reply_plain(f: dict[str, Any], reserved: int = 0) -> bytes:
-    # request_id 4 | status 1 | peer_nat 1 | count 1 | reserved 1 | server_time 8 | observed 18 | n x 18
+    # request_id 4 | status 1 | peer_nat 1 | count 1 | reserved 1 | server_time 8
+    # | observed 18 | n x 18
     eps = f["endpoints"]
-    head = struct.pack("!IBBBBQ", f["request_id"], f["status"], f["peer_nat"], len(eps), reserved, f["server_time"])
+    head = struct.pack(
+        "!IBBBBQ", f["request_id"], f["status"], f["peer_nat"], len(eps), reserved, f["server_time"]
+    )
     return head + endpoint(f["observed"]) + b"".join(endpoint(e) for e in eps)
 
 
@@ -99,40 +113,159 @@ def notify_plain(f: dict[str, Any], reserved: int = 0) -> bytes:
 def build() -> dict[str, Any]:
     client_priv, server_priv, peer_priv = (fixed_private(x) for x in ("client", "server", "peer"))
     client_pub, server_pub, peer_pub = public(client_priv), public(server_priv), public(peer_priv)
-    shared = X25519PrivateKey.from_private_bytes(client_priv).exchange(X25519PublicKey.from_public_bytes(server_pub))
+    shared = X25519PrivateKey.from_private_bytes(client_priv).exchange(
+        X25519PublicKey.from_public_bytes(server_pub)
+    )
     assert shared == X25519PrivateKey.from_private_bytes(server_priv).exchange(
         X25519PublicKey.from_public_bytes(client_pub)
     )
-    okm = HKDF(algorithm=SHA256(), length=64, salt=SALT, info=client_pub + server_pub).derive(shared)
+    okm = HKDF(algorithm=SHA256(), length=64, salt=SALT, info=client_pub + server_pub).derive(
+        shared
+    )
     k_c2s, k_s2c = okm[:32], okm[32:]
 
     t0 = 1_796_000_000_123_456_789  # 2026-11-29, ns since the epoch
     cases: list[tuple[str, int, dict[str, Any], int, bytes]] = [
         # name, type, fields, reserved value written, trailing plaintext bytes
-        ("request", 1, dict(timestamp=t0, request_id=0x1234ABCD, flags=0, nat=2, peer=peer_pub.hex()), 0, b""),
-        ("request_self", 1, dict(timestamp=t0 + 1, request_id=0xDEADBEEF, flags=0, nat=0, peer=client_pub.hex()), 0, b""),
-        ("reply_found", 2, dict(request_id=0x1234ABCD, status=0, peer_nat=1, server_time=t0 + 500_000,
-                                observed="198.51.100.7:51820",
-                                endpoints=["[2001:db8::7]:51820", "203.0.113.9:40000"]), 0, b""),
-        ("reply_found_one", 2, dict(request_id=0x00000001, status=0, peer_nat=3, server_time=t0 + 600_000,
-                                    observed="[2001:db8:1::2]:51820", endpoints=["[2001:db8::7]:51820"]), 0, b""),
-        ("reply_pending", 2, dict(request_id=0xDEADBEEF, status=1, peer_nat=0, server_time=t0 + 700_000,
-                                  observed="[2001:db8:1::2]:51820", endpoints=[]), 0, b""),
-        ("reply_stale", 2, dict(request_id=0xFFFFFFFF, status=2, peer_nat=0, server_time=t0 + 2_000_000_000,
-                                observed="198.51.100.7:51820", endpoints=[]), 0, b""),
-        ("reply_no_observed", 2, dict(request_id=0x0BADF00D, status=1, peer_nat=0, server_time=t0,
-                                      observed=None, endpoints=[]), 0, b""),
-        ("notify", 3, dict(server_time=t0 + 800_000, peer=peer_pub.hex(), peer_nat=1,
-                           endpoints=["203.0.113.9:40000"]), 0, b""),
-        ("notify_two", 3, dict(server_time=t0 + 900_000, peer=peer_pub.hex(), peer_nat=4,
-                               endpoints=["[2001:db8::7]:51820", "203.0.113.9:40000"]), 0, b""),
+        (
+            "request",
+            1,
+            dict(timestamp=t0, request_id=0x1234ABCD, flags=0, nat=2, peer=peer_pub.hex()),
+            0,
+            b"",
+        ),
+        (
+            "request_self",
+            1,
+            dict(timestamp=t0 + 1, request_id=0xDEADBEEF, flags=0, nat=0, peer=client_pub.hex()),
+            0,
+            b"",
+        ),
+        (
+            "reply_found",
+            2,
+            dict(
+                request_id=0x1234ABCD,
+                status=0,
+                peer_nat=1,
+                server_time=t0 + 500_000,
+                observed="198.51.100.7:51820",
+                endpoints=["[2001:db8::7]:51820", "203.0.113.9:40000"],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "reply_found_one",
+            2,
+            dict(
+                request_id=0x00000001,
+                status=0,
+                peer_nat=3,
+                server_time=t0 + 600_000,
+                observed="[2001:db8:1::2]:51820",
+                endpoints=["[2001:db8::7]:51820"],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "reply_pending",
+            2,
+            dict(
+                request_id=0xDEADBEEF,
+                status=1,
+                peer_nat=0,
+                server_time=t0 + 700_000,
+                observed="[2001:db8:1::2]:51820",
+                endpoints=[],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "reply_stale",
+            2,
+            dict(
+                request_id=0xFFFFFFFF,
+                status=2,
+                peer_nat=0,
+                server_time=t0 + 2_000_000_000,
+                observed="198.51.100.7:51820",
+                endpoints=[],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "reply_no_observed",
+            2,
+            dict(
+                request_id=0x0BADF00D,
+                status=1,
+                peer_nat=0,
+                server_time=t0,
+                observed=None,
+                endpoints=[],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "notify",
+            3,
+            dict(
+                server_time=t0 + 800_000,
+                peer=peer_pub.hex(),
+                peer_nat=1,
+                endpoints=["203.0.113.9:40000"],
+            ),
+            0,
+            b"",
+        ),
+        (
+            "notify_two",
+            3,
+            dict(
+                server_time=t0 + 900_000,
+                peer=peer_pub.hex(),
+                peer_nat=4,
+                endpoints=["[2001:db8::7]:51820", "203.0.113.9:40000"],
+            ),
+            0,
+            b"",
+        ),
         # Lax parsing: a newer sender's non-zero reserved bytes and appended fields.
-        ("request_extended", 1, dict(timestamp=t0 + 2, request_id=0x01020304, flags=0, nat=1, peer=peer_pub.hex()),
-         0xA5A5, b"future fields"),
-        ("reply_extended", 2, dict(request_id=0x01020304, status=1, peer_nat=0, server_time=t0 + 3,
-                                   observed="198.51.100.7:51820", endpoints=[]), 0x5A, b"\x01\x02\x03\x04"),
-        ("notify_extended", 3, dict(server_time=t0 + 4, peer=peer_pub.hex(), peer_nat=0,
-                                    endpoints=["203.0.113.9:40000"]), 0x0101, bytes(20)),
+        (
+            "request_extended",
+            1,
+            dict(timestamp=t0 + 2, request_id=0x01020304, flags=0, nat=1, peer=peer_pub.hex()),
+            0xA5A5,
+            b"future fields",
+        ),
+        (
+            "reply_extended",
+            2,
+            dict(
+                request_id=0x01020304,
+                status=1,
+                peer_nat=0,
+                server_time=t0 + 3,
+                observed="198.51.100.7:51820",
+                endpoints=[],
+            ),
+            0x5A,
+            b"\x01\x02\x03\x04",
+        ),
+        (
+            "notify_extended",
+            3,
+            dict(
+                server_time=t0 + 4, peer=peer_pub.hex(), peer_nat=0, endpoints=["203.0.113.9:40000"]
+            ),
+            0x0101,
+            bytes(20),
+        ),
     ]
     plain_of = {1: request_plain, 2: reply_plain, 3: notify_plain}
     messages = []
@@ -211,19 +344,19 @@ def render_doc(data: dict[str, Any] | None = None) -> str:
     """The body of docs/PROTOCOL.md's "Test vectors" section (after its heading)."""
     data = build() if data is None else data
     keys = data["keys"]
-    out = [
-        "`tests/data/v2_vectors.json` holds the keys, the shared secret, the derived keys and",
-        f"{len(data['messages'])} sealed messages with fixed nonces: every type and status, 0 to 2 endpoints,",
-        "the \"none\" observed endpoint, and three non-canonical messages (non-zero reserved",
-        "bytes and appended plaintext) that receivers must accept.",
-        "`tests/rendezvous/v2/make_vectors.py` computes them with `struct` and the",
-        "`cryptography` package alone (no wgpunch code); `tests/rendezvous/v2/` checks the codec",
-        "against them both ways, and that the hex below is theirs. Private keys are",
-        "`sha256(\"wgpunch v2 test vector <who>\")` clamped, nonces the first 12 bytes of",
-        "`sha256(\"wgpunch v2 test nonce <name>\")`. All values are hex; the hex of a",
-        "datagram is shown 32 bytes to a line.",
-        "",
-    ]
+    intro = (
+        "`tests/data/v2_vectors.json` holds the keys, the shared secret, the derived keys and "
+        f"{len(data['messages'])} sealed messages with fixed nonces: every type and status, "
+        '0 to 2 endpoints, the "none" observed endpoint, and three non-canonical messages '
+        "(non-zero reserved bytes and appended plaintext) that receivers must accept. "
+        "`tests/rendezvous/v2/make_vectors.py` computes them with `struct` and the "
+        "`cryptography` package alone (no wgpunch code); `tests/rendezvous/v2/` checks the "
+        "codec against them both ways, and that the hex below is theirs. Private keys are "
+        '`sha256("wgpunch v2 test vector <who>")` clamped, nonces the first 12 bytes of '
+        '`sha256("wgpunch v2 test nonce <name>")`. All values are hex; the hex of a datagram '
+        "is shown 32 bytes to a line."
+    )
+    out = [*textwrap.wrap(intro, 88, break_on_hyphens=False, break_long_words=False), ""]
     width = max(len(k) for k in keys)
     out += [f"    {k.ljust(width)}  {v}" for k, v in keys.items() if k != "peer_private"]
     for name, title in DOC_MESSAGES.items():

@@ -19,11 +19,15 @@ from rendezvous.v2.keys import (
 )
 from tests.rendezvous.v2 import vectors
 
-needs_wg = pytest.mark.skipif(shutil.which("wg") is None, reason="wireguard-tools (wg) is not installed")
+needs_wg = pytest.mark.skipif(
+    shutil.which("wg") is None, reason="wireguard-tools (wg) is not installed"
+)
 
 
 def wg(*args: str, stdin: str = "") -> str:
-    return subprocess.run(["wg", *args], input=stdin, capture_output=True, text=True, check=True, timeout=10).stdout
+    return subprocess.run(
+        ["wg", *args], input=stdin, capture_output=True, text=True, check=True, timeout=10
+    ).stdout
 
 
 def test_generate_is_clamped_and_random() -> None:
@@ -42,7 +46,9 @@ def test_public_key_vectors() -> None:
 def test_public_key_matches_wg_pubkey() -> None:
     for _ in range(5):
         private = generate_private_key()
-        assert wg("pubkey", stdin=encode_key(private) + "\n").strip() == encode_key(public_key(private))
+        assert wg("pubkey", stdin=encode_key(private) + "\n").strip() == encode_key(
+            public_key(private)
+        )
 
 
 @needs_wg
@@ -155,4 +161,6 @@ def test_read_key_file_os_errors(tmp_path: Path) -> None:
 def test_read_key_file_written_by_wg(tmp_path: Path) -> None:
     path = tmp_path / "wg.key"
     path.write_text(wg("genkey"))
-    assert encode_key(public_key(read_key_file(path))) == wg("pubkey", stdin=path.read_text()).strip()
+    assert (
+        encode_key(public_key(read_key_file(path))) == wg("pubkey", stdin=path.read_text()).strip()
+    )

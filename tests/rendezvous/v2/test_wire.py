@@ -32,7 +32,8 @@ from rendezvous.v2.wire import (
 )
 from tests.rendezvous.v2 import make_vectors, vectors
 
-BODY = {1: RequestBody, 2: ReplyBody, 3: NotifyBody}
+Body = type[RequestBody] | type[ReplyBody] | type[NotifyBody]
+BODY: dict[int, Body] = {1: RequestBody, 2: ReplyBody, 3: NotifyBody}
 KEY_A = bytes(range(32))
 V4 = Endpoint("203.0.113.9", 40000)
 V6 = Endpoint("2001:db8::7", 51820)
@@ -155,7 +156,9 @@ def test_endpoint_bytes_layout() -> None:
     assert Endpoint("1.2.3.4", 0x1234).to_bytes() == bytes(10) + b"\xff\xff\x01\x02\x03\x04\x12\x34"
     assert Endpoint("1.2.3.4", 0x1234).source_bytes() == b"\x01\x02\x03\x04\x12\x34"
     v6 = Endpoint("2001:db8::1", 51820)
-    assert v6.to_bytes() == bytes.fromhex("20010db8000000000000000000000001") + struct.pack("!H", 51820)
+    assert v6.to_bytes() == bytes.fromhex("20010db8000000000000000000000001") + struct.pack(
+        "!H", 51820
+    )
     assert v6.source_bytes() == v6.to_bytes()
     assert len(v6.to_bytes()) == ENDPOINT_LEN
 
@@ -172,7 +175,11 @@ def test_endpoint_none_helpers() -> None:
     assert endpoint_or_none(NONE_BYTES) is None
     assert endpoint_bytes(None) == NONE_BYTES
     assert Endpoint.from_bytes(NONE_BYTES) == Endpoint("::", 0)
-    assert Endpoint("::", 0).is_none and not Endpoint("::", 1).is_none and not Endpoint("0.0.0.0", 0).is_none
+    assert (
+        Endpoint("::", 0).is_none
+        and not Endpoint("::", 1).is_none
+        and not Endpoint("0.0.0.0", 0).is_none
+    )
     assert endpoint_or_none(V6.to_bytes()) == V6
     assert endpoint_bytes(V4) == V4.to_bytes()
     with pytest.raises(WireError, match="endpoint must be 18 bytes, got 17"):
@@ -181,8 +188,15 @@ def test_endpoint_none_helpers() -> None:
 
 @pytest.mark.parametrize(
     "ep, usable",
-    [(V4, True), (V6, True), (Endpoint("::", 0), False), (Endpoint("::", 1), False),
-     (Endpoint("0.0.0.0", 1), False), (Endpoint("1.2.3.4", 0), False), (Endpoint("::1", 1), True)],
+    [
+        (V4, True),
+        (V6, True),
+        (Endpoint("::", 0), False),
+        (Endpoint("::", 1), False),
+        (Endpoint("0.0.0.0", 1), False),
+        (Endpoint("1.2.3.4", 0), False),
+        (Endpoint("::1", 1), True),
+    ],
 )
 def test_endpoint_usable(ep: Endpoint, usable: bool) -> None:
     assert ep.usable is usable
@@ -237,8 +251,10 @@ def test_endpoint_wrong_sizes(size: int) -> None:
             Endpoint.from_source(bytes(size))
 
 
-@pytest.mark.parametrize("text", ["1.2.3.4", "1.2.3.4:", "1.2.3.4:x", "::1:5", "[::1]5", "[::1]:", "1.2.3.4:-1",
-                                  "1.2.3.4:٣"])
+@pytest.mark.parametrize(
+    "text",
+    ["1.2.3.4", "1.2.3.4:", "1.2.3.4:x", "::1:5", "[::1]5", "[::1]:", "1.2.3.4:-1", "1.2.3.4:٣"],
+)
 def test_endpoint_parse_errors(text: str) -> None:
     with pytest.raises(WireError, match="is not ip:port or"):
         Endpoint.parse(text)
@@ -258,10 +274,12 @@ def test_endpoint_is_frozen() -> None:
 
 
 def test_request_round_trip_and_layout() -> None:
-    body = RequestBody(timestamp=0x0102030405060708, request_id=0x0A0B0C0D, peer=KEY_A, nat=7, flags=0)
+    body = RequestBody(
+        timestamp=0x0102030405060708, request_id=0x0A0B0C0D, peer=KEY_A, nat=7, flags=0
+    )
     raw = body.to_bytes()
     assert len(raw) == REQUEST_PLAIN_LEN
-    assert raw == bytes.fromhex("0102030405060708" "0a0b0c0d" "00" "07" "0000") + KEY_A
+    assert raw == bytes.fromhex("01020304050607080a0b0c0d00070000") + KEY_A
     assert RequestBody.from_bytes(raw) == body
     assert RequestBody.from_bytes(memoryview(raw)) == body
     assert RequestBody.from_bytes(raw + b"newer fields") == body
@@ -330,7 +348,7 @@ def test_reply_round_trip(endpoints: tuple, observed: Endpoint | None) -> None:
 
 def test_reply_layout() -> None:
     raw = ReplyBody(0x01020304, Status.STALE, 0x1122334455667788, V4, (V6,), 9).to_bytes()
-    assert raw[:16] == bytes.fromhex("01020304" "02" "09" "01" "00" "1122334455667788")
+    assert raw[:16] == bytes.fromhex("01020304020901001122334455667788")
     assert raw[16:34] == V4.to_bytes() and raw[34:] == V6.to_bytes()
 
 
@@ -360,7 +378,9 @@ def test_reply_wire_errors() -> None:
     bad[6] = 255
     with pytest.raises(WireError, match="reply endpoint count 255"):
         ReplyBody.from_bytes(bytes(bad))
-    with pytest.raises(WireError, match=r"reply plaintext of 69 bytes is too short for 2 endpoints \(70\)"):
+    with pytest.raises(
+        WireError, match=r"reply plaintext of 69 bytes is too short for 2 endpoints \(70\)"
+    ):
         ReplyBody.from_bytes(bytes(good[:-1]))
     with pytest.raises(WireError, match="too short for 1 endpoints"):
         ReplyBody.from_bytes(bytes(good[:6]) + b"\x01" + bytes(good[7:34]))
@@ -387,14 +407,22 @@ def test_reply_wire_errors() -> None:
         (dict(endpoints=(V6, V4, V4)), r"endpoints count 3 is not in 0..2"),
         (dict(endpoints=V4), "endpoints must be a tuple of Endpoint, got Endpoint"),
         (dict(endpoints=("1.2.3.4:5",)), r"endpoints\[0\] '1.2.3.4:5' is not an Endpoint"),
-        (dict(endpoints=(V4, Endpoint("1.2.3.4", 0))), r"endpoints\[1\] 1.2.3.4:0 is not a usable peer endpoint"),
+        (
+            dict(endpoints=(V4, Endpoint("1.2.3.4", 0))),
+            r"endpoints\[1\] 1.2.3.4:0 is not a usable peer endpoint",
+        ),
         (dict(endpoints=(Endpoint("0.0.0.0", 5),)), r"endpoints\[0\] 0.0.0.0:5 is not a usable"),
         (dict(endpoints=(Endpoint("::", 5),)), r"endpoints\[0\] \[::\]:5 is not a usable"),
         (dict(peer_nat=256), "peer_nat 256 is not"),
     ],
 )
 def test_reply_field_errors(kwargs: dict, message: str) -> None:
-    fields = dict(request_id=1, status=Status.FOUND, server_time=0, observed=V4, endpoints=(), peer_nat=0) | kwargs
+    fields = (
+        dict(
+            request_id=1, status=Status.FOUND, server_time=0, observed=V4, endpoints=(), peer_nat=0
+        )
+        | kwargs
+    )
     with pytest.raises(WireError, match=message):
         ReplyBody(**fields)
 
@@ -414,7 +442,7 @@ def test_notify_round_trip(endpoints: tuple) -> None:
 
 def test_notify_layout() -> None:
     raw = NotifyBody(0x1122334455667788, KEY_A, (V6, V4), 4).to_bytes()
-    assert raw[:44] == bytes.fromhex("1122334455667788") + KEY_A + bytes.fromhex("04" "02" "0000")
+    assert raw[:44] == bytes.fromhex("1122334455667788") + KEY_A + bytes.fromhex("04020000")
     assert raw[44:] == V6.to_bytes() + V4.to_bytes()
 
 
@@ -425,7 +453,9 @@ def test_notify_wire_errors() -> None:
     for count in (0, 3, 255):
         with pytest.raises(WireError, match=f"notify endpoint count {count} is not in 1..2"):
             NotifyBody.from_bytes(good[:41] + bytes((count,)) + good[42:] + V4.to_bytes())
-    with pytest.raises(WireError, match=r"notify plaintext of 79 bytes is too short for 2 endpoints \(80\)"):
+    with pytest.raises(
+        WireError, match=r"notify plaintext of 79 bytes is too short for 2 endpoints \(80\)"
+    ):
         NotifyBody.from_bytes(good[:-1])
     with pytest.raises(WireError, match=r"endpoints\[1\] \[::\]:0 is not a usable"):
         NotifyBody.from_bytes(good[:62] + NONE_BYTES)
@@ -452,7 +482,7 @@ def test_notify_field_errors(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize("cls", [RequestBody, ReplyBody, NotifyBody])
-def test_random_plaintexts_parse_or_raise_wire_error(cls: type) -> None:
+def test_random_plaintexts_parse_or_raise_wire_error(cls: Body) -> None:
     rng = random.Random(61)
     seed = {
         RequestBody: RequestBody(1, 1, KEY_A).to_bytes(),
@@ -464,10 +494,10 @@ def test_random_plaintexts_parse_or_raise_wire_error(cls: type) -> None:
         if i % 2:
             data = rng.randbytes(rng.randrange(0, 120))
         else:
-            data = bytearray(seed)
+            buf = bytearray(seed)
             for _ in range(rng.randrange(1, 4)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-            data = bytes(data[: rng.randrange(len(data) + 1)]) if rng.random() < 0.3 else bytes(data)
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+            data = bytes(buf[: rng.randrange(len(buf) + 1)]) if rng.random() < 0.3 else bytes(buf)
         try:
             body = cls.from_bytes(data)
         except WireError:

@@ -32,9 +32,13 @@ def messages(t: int | None = None, canonical: bool | None = None) -> list[dict[s
 def body(m: dict[str, Any]) -> RequestBody | ReplyBody | NotifyBody:
     f = m["fields"]
     if m["type"] == 1:
-        return RequestBody(f["timestamp"], f["request_id"], bytes.fromhex(f["peer"]), f["nat"], f["flags"])
+        return RequestBody(
+            f["timestamp"], f["request_id"], bytes.fromhex(f["peer"]), f["nat"], f["flags"]
+        )
     eps = tuple(Endpoint.parse(e) for e in f["endpoints"])
     if m["type"] == 2:
         observed = None if f["observed"] is None else Endpoint.parse(f["observed"])
-        return ReplyBody(f["request_id"], f["status"], f["server_time"], observed, eps, f["peer_nat"])
+        return ReplyBody(
+            f["request_id"], f["status"], f["server_time"], observed, eps, f["peer_nat"]
+        )
     return NotifyBody(f["server_time"], bytes.fromhex(f["peer"]), eps, f["peer_nat"])
