@@ -26,6 +26,15 @@ listen port through a raw socket, so the server sees the public mapping WireGuar
 traffic uses, and tells it to the peers. Each endpoint found is set on the interface
 with a persistent keepalive, which keeps the NAT mappings open. Needs root
 (CAP_NET_RAW and CAP_NET_ADMIN). Works with kernel WireGuard and with wireguard-go.
+
+Two protocols. Without --server-key: the classic one of the wireguard-tools example
+(IPv4 only, unauthenticated: anyone can read or overwrite any key's address). With
+--server-key: protocol v2 (wg-rendezvous --key), authenticated with the interface's
+own private key and encrypted; the server answers only peers that ask for each other,
+tells the first peer as soon as the second one asks (both punch at once), and speaks
+IPv4 and IPv6. Over v2 wg-punch asks over each family the server has an address of
+(and this host a route to), and prefers a peer's IPv6 endpoint when both sides have
+IPv6, falling back to IPv4 when it gives no handshake within a few seconds.
 """
 
 EPILOG = """\
@@ -33,6 +42,11 @@ examples:
   wg-punch demo.example.net wg0            one pass over every peer of wg0
   wg-punch --wait 203.0.113.7:49918 wg0    ... and wait for each peer's handshake
   wg-punch --daemon rendezvous.example wg0 keep endpoints fresh when NATs rebind
+  wg-punch --server-key "$(cat server.pub)" rendezvous.example wg0
+                                           protocol v2; server.pub is the output of
+                                           `wg-rendezvous pubkey < server.key`
+  wg-punch --server-key KEY -6 '[2001:db8::7]:49918' wg0
+                                           v2 over IPv6 only
 
 exit status:
   0 every endpoint applied (and, with --wait, every handshake seen)
@@ -50,6 +64,15 @@ def _key(text: str) -> bytes:
     if len(raw) != 32:
         raise argparse.ArgumentTypeError(f"not a WireGuard public key (base64 of 32 bytes): {text!r}")
     return raw
+
+
+def _server_key(text: str) -> bytes:
+    from rendezvous.v2.keys import KeyFormatError, decode_key
+
+    try:
+        return decode_key(text)
+    except KeyFormatError as e:
+        raise argparse.ArgumentTypeError(f"not a server public key: {e}") from None
 
 
 def _positive(text: str) -> float:
@@ -76,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wg-punch", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("server", metavar="SERVER[:PORT]",
-                   help="the rendezvous server (IPv4 address or name; port 49918 by default)")
+                   help="the rendezvous server: a name, an IPv4 address, or (v2) an IPv6 one "
+                        "written [IPV6]:PORT or bare; port 49918 by default")
     p.add_argument("interface", metavar="INTERFACE", help="the WireGuard interface, e.g. wg0")
     p.add_argument("--daemon", action="store_true",
                    help="keep running: re-register every --interval, pick up added and "
@@ -96,12 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1)")
     p.add_argument("--peer", type=_key, action="append", metavar="KEY",
                    help="only this peer (base64 public key); repeat for several")
+    p.add_argument("--server-key", type=_server_key, metavar="KEY",
+                   help="speak protocol v2 to a server with this public key (base64, what "
+                        "`wg-rendezvous pubkey` prints); without it, the classic protocol")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
+                     help="v2: reach the server over IPv4 only")
+    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
+                     help="v2: reach the server over IPv6 only")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.family == 6 and args.server_key is None:
+        parser.error("-6/--ipv6-only needs --server-key (the classic protocol is IPv4 only)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     from .client import Options, run
@@ -109,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)
     opts = Options(server=args.server, interface=args.interface, timeout=args.timeout,
                    wait=args.wait, daemon=args.daemon,
-                   peers=frozenset(args.peer) if args.peer else None, timing=timing)
+                   peers=frozenset(args.peer) if args.peer else None, timing=timing,
+                   server_key=args.server_key,
+                   families=(args.family,) if args.family else (4, 6))
     try:
         result = run(opts)
     except PunchError as e:

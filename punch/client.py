@@ -1,5 +1,11 @@
-"""The client's I/O loop: reads the device, drives :class:`punch.machine.Punch`, and
-carries out its actions on the raw socket and the WireGuard backend.
+"""The client's I/O loop: reads the device, drives the punch state machine, and
+carries out its actions on the raw socket(s) and the WireGuard backend.
+
+Classic (the default): :class:`punch.machine.Punch`, one IPv4 raw socket.
+v2 (``--server-key``): :class:`punch.v2machine.PunchV2`; requests are sealed with keys
+derived from the interface's own private key and the pinned server key, and go out
+over IPv4 and IPv6, one raw socket per family the server has an address of and the
+host has a route for. ``cryptography`` is imported only on this path.
 
 No decisions are made here beyond *when to stop*, which depends on the mode.
 """
@@ -17,14 +23,19 @@ from typing import TYPE_CHECKING
 
 from rendezvous.classic import DEFAULT_PORT, short_key
 
-from .errors import BadInterface, NotPermitted, ServerUnresolvable
+from .errors import (
+    BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable, ServerUnresolvable,
+)
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
+    from rendezvous.v2.crypto import ClientCrypto
+
+    from . import v2machine
     from .rawsock import RawChannel
     from .wg import Backend, Device
 
-__all__ = ["Options", "Result", "resolve_server", "run"]
+__all__ = ["Options", "Result", "resolve_server", "resolve_servers", "run", "split_server"]
 
 log = logging.getLogger("wg-punch")
 
@@ -47,6 +58,8 @@ class Options:
     peers: frozenset[bytes] | None = None
     timing: Timing = field(default_factory=Timing)
     device_refresh: float = 1.0
+    server_key: bytes | None = None      # v2: the server's pinned public key
+    families: tuple[int, ...] = (4, 6)   # v2: the address families to use
 
 
 @dataclass
@@ -55,22 +68,63 @@ class Result:
     message: str = ""
 
 
-def resolve_server(text: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` to an IPv4 (address, port); the classic protocol is IPv4 only."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
+def split_server(text: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT``, ``IPV6``, ``[IPV6]`` or ``[IPV6]:PORT`` to (host, port)."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ServerUnresolvable(f"bad server address {text!r} (use [IPV6]:PORT)")
+        port_text = rest[1:] if rest else str(DEFAULT_PORT)
+    elif text.count(":") > 1:  # a bare IPv6 address: no port
         host, port_text = text, str(DEFAULT_PORT)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            host, port_text = text, str(DEFAULT_PORT)
     try:
         port = int(port_text)
         if not 0 < port <= 65535:
             raise ValueError
     except ValueError:
         raise ServerUnresolvable(f"bad server port in {text!r}") from None
+    if not host:
+        raise ServerUnresolvable(f"no server host in {text!r}")
+    return host, port
+
+
+def resolve_server(text: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` to an IPv4 (address, port); the classic protocol is IPv4 only."""
+    host, port = split_server(text)
     try:
         infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
     except socket.gaierror as e:
+        if ":" in host:
+            raise ServerUnresolvable(f"server {host!r} is IPv6: the classic protocol is IPv4 "
+                                     "only (v2, with --server-key, speaks IPv6)") from None
         raise ServerUnresolvable(f"cannot resolve server {host!r}: {e.strerror}") from None
     return str(infos[0][4][0]), port
+
+
+def resolve_servers(text: str, families: tuple[int, ...] = (4, 6)) -> dict[int, tuple[str, int]]:
+    """``HOST[:PORT]`` to one (address, port) per family it has among FAMILIES."""
+    host, port = split_server(text)
+    wanted = {socket.AF_INET: 4, socket.AF_INET6: 6}
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise ServerUnresolvable(f"cannot resolve server {host!r}: {e.strerror}") from None
+    out: dict[int, tuple[str, int]] = {}
+    for af, _, _, _, sockaddr in infos:
+        fam = wanted.get(af)
+        if fam in families and fam not in out:
+            ip = str(sockaddr[0])
+            if fam == 6 and "%" in ip:  # a scoped (link-local) address does not cross hosts
+                continue
+            out[fam] = (ip, port)
+    if not out:
+        only = " or ".join(f"IPv{f}" for f in families)
+        raise ServerUnresolvable(f"server {host!r} has no {only} address")
+    return dict(sorted(out.items()))
 
 
 def _link_is_up(ifname: str) -> bool | None:
@@ -92,6 +146,10 @@ def _view(device: Device, wall: float) -> DeviceView:
 
 
 class Client:
+    """The classic client: one IPv4 raw socket, the classic machine."""
+
+    protocol = "classic"
+
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.stopping = False
@@ -99,9 +157,17 @@ class Client:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.backend: Backend | None = None
-        self.channel: RawChannel | None = None
+        self.channels: list[RawChannel] = []
         self.device: Device | None = None
-        self.machine = Punch(opts.timing, daemon=opts.daemon, only=opts.peers)
+        self.machine: Punch | v2machine.PunchV2 = self._make_machine()
+
+    def _make_machine(self) -> Punch | v2machine.PunchV2:
+        opts = self.opts
+        return Punch(opts.timing, daemon=opts.daemon, only=opts.peers)
+
+    @property
+    def channel(self) -> RawChannel:
+        return self.channels[0]
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -113,11 +179,22 @@ class Client:
     # -- setup ------------------------------------------------------------------------
 
     def open(self) -> None:
+        device = self._open_device()
+        self._open_channels(device)
+        self.wg_port = device.listen_port
+        self.device = device
+        servers = ", ".join(f"{ip}:{port}" if c.family == 4 else f"[{ip}]:{port}"
+                            for c in self.channels for ip, port in (c.server,))
+        assert device.public_key is not None
+        log.info("%s: public key %s, port %d, %d peer(s); server %s%s%s", self.opts.interface,
+                 short_key(device.public_key), device.listen_port, len(device.peers), servers,
+                 " (v2)" if self.protocol == "v2" else "", " (daemon)" if self.opts.daemon else "")
+
+    def _open_device(self) -> Device:
         from . import wg  # the backend; pyroute2 is imported only where needed
-        from .rawsock import RawChannel
 
         opts = self.opts
-        server = resolve_server(opts.server)
+        self._resolve()
         up = _link_is_up(opts.interface)
         if up is None and not Path(f"/var/run/wireguard/{opts.interface}.sock").exists():
             if not wg.link_exists(opts.interface):
@@ -146,22 +223,25 @@ class Client:
             if missing:
                 raise BadInterface(f"{opts.interface} has no peer "
                                    + ", ".join(short_key(k) for k in sorted(missing)))
-        self.channel = RawChannel(server, device.listen_port)
-        self.wg_port = device.listen_port
-        self.device = device
-        log.info("%s: public key %s, port %d, %d peer(s); server %s:%d%s", opts.interface,
-                 short_key(device.public_key), device.listen_port, len(device.peers),
-                 server[0], server[1], " (daemon)" if opts.daemon else "")
+        return device
+
+    def _resolve(self) -> None:
+        self.servers = {4: resolve_server(self.opts.server)}
+
+    def _open_channels(self, device: Device) -> None:
+        from .rawsock import RawChannel
+
+        self.channels = [RawChannel(self.servers[4], device.listen_port)]
 
     def summary(self) -> str:
         c = self.machine.counters
-        ignored = self.channel.ignored if self.channel is not None else 0
+        ignored = sum(ch.ignored for ch in self.channels)
         return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
                 f"malformed={c.malformed} applied={c.applied} ignored_packets={ignored}")
 
     def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
+        for ch in self.channels:
+            ch.close()
         if self.backend is not None:
             self.backend.close()
         self._wake_r.close()
@@ -179,20 +259,22 @@ class Client:
         if self.device.listen_port and self.device.listen_port != self.wg_port:
             log.warning("%s listen port changed to %d: reopening", self.opts.interface,
                         self.device.listen_port)
-            from .rawsock import RawChannel
+            from .rawsock import open_channel
 
-            assert self.channel is not None
-            server = self.channel.server
-            self.poller.unregister(self.channel.fileno())
-            self.channel.close()
-            self.channel = RawChannel(server, self.device.listen_port)
-            self.channel.arm()
-            self.poller.register(self.channel.fileno(), select.POLLIN)
+            reopened = []
+            for old in self.channels:
+                self.poller.unregister(old.fileno())
+                old.close()
+                ch = open_channel(old.server, self.device.listen_port)
+                ch.arm()
+                self.poller.register(ch.fileno(), select.POLLIN)
+                reopened.append(ch)
+            self.channels = reopened
             self.wg_port = self.device.listen_port
         self.machine.update_device(now, _view(self.device, time.time()))
 
-    def apply(self, action: Apply | Keepalive) -> None:
-        assert self.backend is not None and self.channel is not None
+    def apply(self, action: Apply | v2machine.Apply | Keepalive) -> None:
+        assert self.backend is not None
         if isinstance(action, Keepalive):
             self.backend.set_peer(action.peer, keepalive=action.keepalive)
             log.info("peer %s: endpoint kept, keepalive %ds", short_key(action.peer),
@@ -203,34 +285,47 @@ class Client:
         # handshake initiation), instead of after up to K seconds.
         self.backend.set_peer(action.peer, endpoint=ep, keepalive=0)
         self.backend.set_peer(action.peer, keepalive=action.keepalive)
-        self.channel.poke(ep)
+        channel = self._channel_for(ep[0])
+        if channel is not None:
+            channel.poke(ep)
         log.info("peer %s: endpoint %s (%s), keepalive %ds", short_key(action.peer),
                  action.endpoint, action.reason, action.keepalive)
+
+    def _channel_for(self, ip: str) -> RawChannel | None:
+        family = 6 if ":" in ip else 4
+        return next((c for c in self.channels if c.family == family), None)
+
+    def _send_due(self, now: float) -> None:
+        machine = self.machine
+        assert isinstance(machine, Punch)
+        for send in machine.poll(now):
+            log.debug("asking for %s", short_key(send.peer))
+            self.channel.send_to_server(send.payload)
 
     def run(self) -> Result:
         opts = self.opts
         machine = self.machine
-        assert self.channel is not None and self.device is not None
+        assert self.channels and self.device is not None
         clock = time.monotonic
         start = clock()
         deadline = start + opts.timeout if not opts.daemon else float("inf")
         machine.update_device(start, _view(self.device, time.time()))
-        for send in machine.poll(start):  # the first request goes out before cffi loads
-            self.channel.send_to_server(send.payload)
-        self.channel.arm()
+        self._send_due(start)  # the first request goes out before cffi loads
+        for ch in self.channels:
+            ch.arm()
         self.poller = select.poll()
-        self.poller.register(self.channel.fileno(), select.POLLIN)
+        for ch in self.channels:
+            self.poller.register(ch.fileno(), select.POLLIN)
         self.poller.register(self._wake_r.fileno(), select.POLLIN)
         next_refresh = start + opts.device_refresh
         next_summary = start + 600
         self.last_reply = start
         warned_silent = False
-        self._take_replies()  # an early reply may already be in
+        for ch in self.channels:
+            self._take_replies(ch)  # an early reply may already be in
         while not self.stopping:
             now = clock()
-            for send in machine.poll(now):
-                log.debug("asking for %s", short_key(send.peer))
-                self.channel.send_to_server(send.payload)
+            self._send_due(now)
             if opts.daemon and now >= next_summary:
                 log.info("counters: %s", self.summary())
                 next_summary = now + 600
@@ -248,19 +343,35 @@ class Client:
             else:
                 warned_silent = False
             wake = min(machine.next_wakeup(), next_refresh, deadline)
-            for fd, _ in self.poller.poll(max(0.0, wake - clock()) * 1000 + 1):
-                if fd == self.channel.fileno():
-                    self._take_replies()
+            ready = {fd for fd, _ in self.poller.poll(max(0.0, wake - clock()) * 1000 + 1)}
+            for ch in self.channels:
+                if ch.fileno() in ready:
+                    self._take_replies(ch)
         return Result(EXIT_OK, "stopped")
 
-    def _take_replies(self) -> None:
-        assert self.channel is not None
-        for payload in self.channel.replies():
+    def _take_replies(self, channel: RawChannel) -> None:
+        machine = self.machine
+        assert isinstance(machine, Punch)
+        for payload in channel.replies():
             now = time.monotonic()
             self.last_reply = now
             log.debug("reply: %d bytes", len(payload))
-            for action in self.machine.on_reply(now, payload):
+            for action in machine.on_reply(now, payload):
                 self.apply(action)
+
+    def _server_text(self) -> str:
+        return " and ".join(f"{ip}:{port}" if fam == 4 else f"[{ip}]:{port}"
+                            for fam, (ip, port) in self.servers.items())
+
+    def _silent(self) -> str:
+        port = next(iter(self.servers.values()))[1]
+        return (f"no reply from the server {self._server_text()} within "
+                f"{self.opts.timeout:g}s (is wg-rendezvous running there, and is "
+                f"UDP port {port} open?)")
+
+    def _not_found(self, names: str) -> str:
+        return (f"the server does not know peer(s) {names}: "
+                "they have not run wg-punch against this server recently")
 
     def _finished(self, now: float, deadline: float) -> Result | None:
         machine = self.machine
@@ -271,16 +382,11 @@ class Client:
         if now < deadline:
             return None
         if not machine.replied:
-            assert self.channel is not None
-            s = self.channel.server
-            return Result(EXIT_SILENT, f"no reply from the server {s[0]}:{s[1]} within "
-                          f"{self.opts.timeout:g}s (is wg-rendezvous running there, and is "
-                          f"UDP port {s[1]} open?)")
+            return Result(EXIT_SILENT, self._silent())
         pending = machine.pending()
         if pending:
-            names = ", ".join(short_key(p.key) for p in pending)
-            return Result(EXIT_NOT_FOUND, f"the server does not know peer(s) {names}: "
-                          "they have not run wg-punch against this server recently")
+            return Result(EXIT_NOT_FOUND, self._not_found(", ".join(short_key(p.key)
+                                                                    for p in pending)))
         silent = machine.without_handshake(now)
         names = ", ".join(f"{short_key(p.key)} at {p.answer}" for p in silent)
         return Result(EXIT_NO_HANDSHAKE, f"no handshake with {names}: WireGuard got no answer "
@@ -289,8 +395,128 @@ class Client:
                       "that drops UDP")
 
 
+class ClientV2(Client):
+    """The v2 client: sealed requests over every family that reaches the server."""
+
+    protocol = "v2"
+
+    def __init__(self, opts: Options) -> None:
+        self.crypto: ClientCrypto | None = None
+        self.failed_channels = 0
+        self.auth_failed = 0
+        self.malformed = 0
+        super().__init__(opts)
+
+    def _make_machine(self) -> Punch | v2machine.PunchV2:
+        from .v2machine import PunchV2
+
+        opts = self.opts
+        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families)
+
+    def _resolve(self) -> None:
+        self.servers = resolve_servers(self.opts.server, self.opts.families)
+
+    def _open_channels(self, device: Device) -> None:
+        from .rawsock import open_channel, source_address_for
+        from .v2machine import PunchV2
+
+        opts = self.opts
+        if device.private_key is None:
+            raise BadInterface(f"cannot read the private key of {opts.interface} "
+                               "(v2 proves ownership of it to the server)")
+        assert opts.server_key is not None
+        try:
+            from rendezvous.v2.crypto import AuthError, ClientCrypto
+        except ImportError as e:
+            raise PunchError(f"v2 needs the cryptography package: {e}") from None
+        try:
+            self.crypto = ClientCrypto(device.private_key, opts.server_key)
+        except (AuthError, ValueError) as e:
+            raise BadServerKey(f"--server-key is not a usable server key: {e}") from None
+        for family, server in self.servers.items():
+            try:
+                source_address_for(server)
+                self.channels.append(open_channel(server, device.listen_port))
+            except NotPermitted:
+                raise
+            except (PunchError, OSError) as e:
+                self.failed_channels += 1
+                log.info("IPv%d: not using the server at %s: %s", family, server[0], e)
+        if not self.channels:
+            raise ServerUnreachable(f"no route to the server {self._server_text()}")
+        # Only the families that opened are asked over.
+        self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
+                               families=[c.family for c in self.channels])
+
+    def summary(self) -> str:
+        c = self.machine.counters
+        assert not isinstance(self.machine, Punch)
+        ignored = sum(ch.ignored for ch in self.channels)
+        fams = ",".join(str(ch.family) for ch in self.channels)
+        return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
+                f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
+                f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
+                f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
+                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
+
+    def _send_due(self, now: float) -> None:
+        from .v2machine import Send
+
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        for action in machine.poll(now, time.time_ns()):
+            if isinstance(action, Send):
+                log.debug("asking for %s over IPv%d (id %08x)", short_key(action.peer),
+                          action.family, action.body.request_id)
+                channel = next(c for c in self.channels if c.family == action.family)
+                channel.send_to_server(self.crypto.seal_request(action.body))
+            else:
+                self.apply(action)
+
+    def _take_replies(self, channel: RawChannel) -> None:
+        from rendezvous.v2.crypto import AuthError
+        from rendezvous.v2.wire import NotifyBody, WireError
+
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        for payload in channel.replies():
+            now = time.monotonic()
+            try:
+                body = self.crypto.open(payload)
+            except AuthError:
+                self.auth_failed += 1
+                log.debug("a %d-byte datagram from the server does not authenticate",
+                          len(payload))
+                continue
+            except WireError as e:
+                self.malformed += 1
+                log.debug("a malformed datagram from the server: %s", e)
+                continue
+            self.last_reply = now
+            if isinstance(body, NotifyBody):
+                log.debug("notify over IPv%d: peer %s", channel.family, short_key(body.peer))
+                actions = machine.on_notify(now, body, channel.family)
+            else:
+                log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
+                          body.status.name.lower())
+                actions = machine.on_reply(now, body, channel.family)
+            for action in actions:
+                self.apply(action)
+
+    def _silent(self) -> str:
+        port = next(iter(self.servers.values()))[1]
+        return (f"no reply from the server {self._server_text()} within "
+                f"{self.opts.timeout:g}s (is wg-rendezvous running there with --key, is UDP "
+                f"port {port} open, and is --server-key its public key?)")
+
+    def _not_found(self, names: str) -> str:
+        return (f"no answer yet for peer(s) {names}: they have not asked this server for "
+                "us recently (v2 answers only peers that ask for each other: run "
+                "wg-punch --server-key on them too)")
+
+
 def run(opts: Options) -> Result:
-    client = Client(opts)
+    client = ClientV2(opts) if opts.server_key is not None else Client(opts)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, client.stop)
     try:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["PunchError", "NotPermitted", "BadInterface", "ServerUnresolvable"]
+__all__ = ["PunchError", "NotPermitted", "BadInterface", "BadServerKey", "ServerUnreachable",
+           "ServerUnresolvable"]
 
 
 class PunchError(Exception):
@@ -21,3 +22,15 @@ class BadInterface(PunchError):
 
 class ServerUnresolvable(PunchError):
     exit_code = 5
+
+
+class BadServerKey(PunchError):
+    """--server-key is not a usable X25519 public key (a bad argument)."""
+
+    exit_code = 2
+
+
+class ServerUnreachable(PunchError):
+    """No route to any address of the server."""
+
+    exit_code = 1

@@ -44,6 +44,9 @@ class Timing:
     dead_margin: float = 5.0       # flat rx for keepalive + this = looks dead
     v6_fallback: float = 4.0       # v2: an IPv6 endpoint without a handshake by then
                                    # gives way to the peer's IPv4 endpoint
+    v6_grace: float = 0.5          # v2: an IPv4 answer waits this long for the IPv6
+                                   # one in flight, while we do not know yet whether
+                                   # we have IPv6 (no flip from IPv4 to IPv6)
     max_inflight: int = 32         # v2: requests in flight at once (the server rate-
                                    # limits each source: 200/s, bursts of 400, by default)
 

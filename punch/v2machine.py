@@ -25,7 +25,9 @@ row, with the lost-request backoff).
 
 Endpoints. A ``found`` reply and a notify both carry the peer's endpoints (at most one
 per family). The peer's IPv6 endpoint is preferred when we have IPv6 too (the server
-has answered us over IPv6, so it saw an IPv6 address of ours), else its IPv4 one. An
+has answered us over IPv6, so it saw an IPv6 address of ours), else its IPv4 one. While
+that is not known yet and our IPv6 request is in flight, an answer over IPv4 waits for
+it up to ``v6_grace`` seconds, so the endpoint does not flip from IPv4 to IPv6. An
 IPv6 endpoint that gives no handshake within ``v6_fallback`` seconds gives way to the
 peer's IPv4 endpoint (until the peer's IPv6 endpoint changes). Whether the chosen
 answer is applied follows the classic policy, :func:`punch.policy.apply_reason`.
@@ -40,7 +42,7 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody
 from rendezvous.v2.wire import Status as Answer
@@ -101,6 +103,7 @@ class PeerState:
     applied: Endpoint | None = None    # what we last applied
     applied_at: float | None = None
     fallback_at: float | None = None   # when to check an applied IPv6 endpoint
+    hold_until: float | None = None    # an IPv4 answer waits for the IPv6 one until then
     v6_failed: Endpoint | None = None  # an IPv6 endpoint that gave no handshake
     notified: int = -1                 # server_time of the last notify accepted
     view: PeerView | None = None
@@ -223,6 +226,9 @@ class PunchV2:
         ask.inflight = None
         ask.lost = 0
         t = self.timing
+        held: list[Action] = []
+        if family == 6 and st.hold_until is not None and body.status != Answer.FOUND:
+            held = self._release(st, now)  # we have IPv6; the peer's answer is in
         if body.status == Answer.STALE:
             self.counters.stale += 1
             self._learn_time(rec, body.server_time)
@@ -230,24 +236,33 @@ class PunchV2:
             extra = ask.stale - _STALE_AT_ONCE
             self._schedule(st, ask, now if extra <= 0
                            else now + min(t.poll * 2 ** (extra - 1), t.backoff_max))
-            return []
+            return held
         ask.stale = 0
         if body.status == Answer.PENDING:
             if not st.resolved:
                 st.status = Status.NOT_FOUND
             self._schedule(st, ask, now + min(t.first_poll * 2 ** ask.misses, t.poll))
             ask.misses += 1
-            return []
+            return held
         if body.status != Answer.FOUND:  # a status from a newer server: ask again later
             self._schedule(st, ask, now + t.poll)
-            return []
+            return held
         ask.misses = 0
         endpoints = _by_family(body.endpoints)
         if not endpoints:  # "found" with nothing usable: treat it as pending
             self._schedule(st, ask, now + t.poll)
-            return []
+            return self._release(st, now) if st.hold_until is not None else []
         st.endpoints, st.peer_nat = endpoints, body.peer_nat
-        actions = self._settle(st, now)
+        ask6 = st.asks.get(6)
+        if (family == 4 and 6 in endpoints and 6 not in self.observed and ask6 is not None
+                and ask6.inflight is not None):
+            # Our IPv6 request is still out: if it comes back, we have IPv6 and the
+            # peer's IPv6 endpoint is the one to use. Wait for it a little rather than
+            # apply IPv4 now and switch a moment later.
+            st.hold_until = min(self._inflight[ask6.inflight].deadline, now + t.v6_grace)
+            actions = []
+        else:
+            actions = self._settle(st, now)
         self._schedule(st, ask, now + t.recheck)
         return actions
 
@@ -269,15 +284,18 @@ class PunchV2:
         self.counters.notifies += 1
         self.replied = True
         st.endpoints, st.peer_nat = endpoints, body.peer_nat
+        st.hold_until = None
         return self._settle(st, now)
 
-    def poll(self, now: float, wall_ns: int) -> list[Send | Apply]:
-        """Expire lost requests, fall back from silent IPv6 endpoints, and start the
-        requests that are due. WALL_NS is the wall clock (ns since the epoch)."""
-        out: list[Send | Apply] = []
+    def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive]:
+        """Expire lost requests, settle answers that waited for IPv6, fall back from
+        silent IPv6 endpoints, and start the requests that are due. WALL_NS is the wall clock (ns since the epoch)."""
+        out: list[Send | Apply | Keepalive] = []
         for rid in [r for r, f in self._inflight.items() if now >= f.deadline]:
             self._expire(rid, now)
         for st in self.peers.values():
+            if st.hold_until is not None and now >= st.hold_until:
+                out.extend(self._release(st, now))
             if st.fallback_at is not None and now >= st.fallback_at:
                 st.fallback_at = None
                 action = self._fallback(st, now)
@@ -297,6 +315,7 @@ class PunchV2:
         """The earliest time poll() has something to do."""
         times = [f.deadline for f in self._inflight.values()]
         times += [st.fallback_at for st in self.peers.values() if st.fallback_at is not None]
+        times += [st.hold_until for st in self.peers.values() if st.hold_until is not None]
         if self.my_key is not None and len(self._inflight) < self.timing.max_inflight:
             times += [st.due for st in self.peers.values()]
         return min(times, default=float("inf"))
@@ -387,7 +406,13 @@ class PunchV2:
         assert v6 is not None
         return v6
 
+    def _release(self, st: PeerState, now: float) -> list[Action]:
+        """End the wait for the IPv6 answer: decide with what we know now."""
+        st.hold_until = None
+        return self._settle(st, now)
+
     def _settle(self, st: PeerState, now: float) -> list[Action]:
+        st.hold_until = None
         answer = self._choose(st)
         st.answer = answer
         reason = apply_reason(st.view, st.applied, answer, self._looks_dead(st, now))
@@ -407,6 +432,10 @@ class PunchV2:
         st.applied, st.applied_at = endpoint, now
         st.fallback_at = now + self.timing.v6_fallback if endpoint.family == 6 else None
         st.rx_changed_at = now  # give the new endpoint a full keepalive period
+        # What WireGuard has now, until the next read of the device: a second answer
+        # with the same endpoint (the reply after the notify) is then not applied again.
+        st.view = replace(st.view or PeerView(st.key), endpoint=(endpoint.ip, endpoint.port),
+                          keepalive=self.timing.keepalive)
         self.counters.applied += 1
         return Apply(st.key, endpoint, self.timing.keepalive, reason)
 

@@ -269,14 +269,42 @@ def test_ipv4_when_we_have_no_ipv6():
     assert a.endpoint == A4
 
 
-def test_ipv6_answer_after_ipv4_one_upgrades_the_endpoint():
+def test_an_ipv4_answer_waits_for_the_ipv6_one_in_flight():
+    """Until we know we have IPv6, a found over IPv4 waits (briefly) for the IPv6
+    answer, instead of applying IPv4 and flipping to IPv6 a moment later."""
     m = machine(families=(4, 6))
     s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
-    [a] = m.on_reply(0.05, found(s4, A6, A4), 4)
-    assert a.endpoint == A4  # no IPv6 observed yet
-    [b] = m.on_reply(0.06, found(s6, A6, A4), 6)
+    assert m.on_reply(0.05, found(s4, A6, A4), 4) == []
+    assert m.next_wakeup() == pytest.approx(0.55)  # v6_grace
+    [a] = m.on_reply(0.06, found(s6, A6, A4), 6)
+    assert a.endpoint == A6 and a.reason == "no endpoint" and m.counters.applied == 1
+    assert m.next_wakeup() > 0.55
+
+
+def test_a_pending_ipv6_answer_ends_the_wait_with_ipv6():
+    m = machine(families=(4, 6))
+    s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
+    m.on_reply(0.05, found(s4, A6, A4), 4)
+    [a] = m.on_reply(0.06, pending(s6), 6)  # the server has our IPv6 now
+    assert a.endpoint == A6
+
+
+def test_without_an_ipv6_answer_ipv4_is_applied_after_the_grace_then_upgraded():
+    m = machine(families=(4, 6))
+    s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
+    m.on_reply(0.05, found(s4, A6, A4), 4)
+    assert m.poll(0.5, WALL) == []
+    [a] = m.poll(0.55, WALL)
+    assert isinstance(a, Apply) and a.endpoint == A4 and m.done()
+    [b] = m.on_reply(0.9, found(s6, A6, A4), 6)  # slow, but in time: IPv6 works
     assert b.endpoint == A6 and b.reason == "IPv6 preferred to 198.51.100.7:40001"
-    assert m.counters.applied == 2
+
+
+def test_no_wait_once_we_know_we_have_no_ipv6_channel():
+    m = machine(families=(4,))
+    s = only_send(m.poll(0.0, WALL))
+    [a] = m.on_reply(0.05, found(s, A6, A4), 4)
+    assert a.endpoint == A4
 
 
 def test_ipv6_without_a_handshake_falls_back_to_ipv4():
@@ -369,3 +397,12 @@ def test_without_handshake_ignores_handshakes_older_than_our_endpoint():
 def test_bad_families_are_refused():
     with pytest.raises(ValueError, match="families"):
         PunchV2(T, families=(5,))
+
+
+def test_the_same_answer_twice_before_the_device_is_read_again_is_applied_once():
+    """The notify and the reply to our own request can both carry the endpoint."""
+    m = machine()
+    s = only_send(m.poll(0.0, WALL))
+    [a] = m.on_notify(0.1, NotifyBody(WALL, P1, (A4,)), 4)
+    assert m.on_reply(0.11, found(s, A4), 4) == []
+    assert m.counters.applied == 1 and m.peers[P1].status is Status.APPLIED
