@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"UDP port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--ttl", type=_nonneg(float), default=180.0, metavar="S",
-                   help="forget a key not refreshed for S seconds (default 180)")
+                   help="forget a key not refreshed for S seconds, and (v2) a request for a "
+                        "peer not repeated for S seconds (default 180)")
     p.add_argument("--max-peers", type=_nonneg(int), default=1_000_000, metavar="N",
-                   help="table capacity; when full, the least recently refreshed key "
-                        "is evicted (default 1000000)")
+                   help="table capacity (classic and v2 each); when full, the least "
+                        "recently refreshed key is evicted (default 1000000)")
     p.add_argument("--rate", type=_nonneg(float), default=200.0, metavar="R",
-                   help="requests per second allowed per source IP; 0 = no limit "
-                        "(default 200, enough for a CGNAT address with many clients)")
+                   help="requests per second allowed per source IP (IPv6: per /64), both "
+                        "protocols together; 0 = no limit (default 200, enough for a "
+                        "CGNAT address with many clients)")
     p.add_argument("--burst", type=_nonneg(float), default=400.0, metavar="B",
                    help="burst allowed per source IP above --rate (default 400)")
     p.add_argument("--stats-interval", type=_nonneg(float), default=60.0, metavar="S",
@@ -125,7 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="v2 only: refuse classic requests (needs --key)")
     v2.add_argument("--max-skew", type=_nonneg(float), default=300.0, metavar="S",
                     help="accept a v2 request only if its timestamp is within S seconds "
-                         "of the server's clock; 0 = no window (default 300)")
+                         "of the server's clock (a client whose clock is off learns the "
+                         "server's time from the stale reply); each key's last timestamp "
+                         "is kept for max(ttl, S) so a request cannot be replayed; 0 = "
+                         "no window (default 300)")
     v2.add_argument("--notify-rate", type=_nonneg(float), default=10.0, metavar="R",
                     help="notifications per second sent to one client key; 0 = no limit "
                          "(default 10)")

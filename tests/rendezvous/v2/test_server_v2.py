@@ -274,3 +274,27 @@ def test_require_auth_with_classic_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rendezvous", "--key", str(path), "--require-auth",
                         "--classic"], capture_output=True, text=True, env=py_env(), timeout=10)
     assert r.returncode == 2 and "refuses classic" in r.stderr
+
+
+def test_notifications_without_a_route_are_counted_not_fatal():
+    """In process, real sockets: a notify for an IPv6 registration on a server without
+    an IPv6 socket is a counted failure, and the server carries on."""
+    from rendezvous.server import Server, ServerOptions
+    from rendezvous.service import Config, Service
+    from rendezvous.v2.crypto import ServerCrypto
+
+    crypto = ServerCrypto(generate_private_key())
+    service = Service(Config(rate=0), crypto)
+    server = Server(service, ServerOptions(listen=[("127.0.0.1", 0)]))
+    server.open()
+    try:
+        a, b = (ClientCrypto(generate_private_key(), crypto.server_public) for _ in range(2))
+        wall = time.time_ns()
+        src_a6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1") + (4000).to_bytes(2, "big")
+        src_b4 = socket.inet_aton("127.0.0.1") + (5000).to_bytes(2, "big")
+        service.handle(a.seal_request(RequestBody(wall, 1, b.client_public)), src_a6, 0.0, None, wall)
+        service.handle(b.seal_request(RequestBody(wall, 1, a.client_public)), src_b4, 0.0, None, wall)
+        assert server.send_notifications() == 0 and server.notify_failed == 1
+        assert server.send_notifications() == 0 and server.notify_failed == 1  # drained
+    finally:
+        server.close()
