@@ -236,6 +236,8 @@ class Endpoint:
         """``"1.2.3.4:5"`` or ``"[2001:db8::1]:5"`` (the form :meth:`__str__` prints)."""
         if text.startswith("["):
             host, sep, port = text[1:].partition("]:")
+            if ":" not in host:
+                sep = ""  # brackets are for IPv6 only
         else:
             host, sep, port = text.rpartition(":")
             if ":" in host:

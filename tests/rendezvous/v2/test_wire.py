@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import struct
 
@@ -253,7 +254,7 @@ def test_endpoint_wrong_sizes(size: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["1.2.3.4", "1.2.3.4:", "1.2.3.4:x", "::1:5", "[::1]5", "[::1]:", "1.2.3.4:-1", "1.2.3.4:٣"],
+    ["1.2.3.4", "1.2.3.4:", "1.2.3.4:x", "::1:5", "[::1]5", "[::1]:", "1.2.3.4:-1", "[1.2.3.4]:5", "1.2.3.4:٣"],
 )
 def test_endpoint_parse_errors(text: str) -> None:
     with pytest.raises(WireError, match="is not ip:port or"):
@@ -268,6 +269,10 @@ def test_endpoint_parse_port_range() -> None:
 def test_endpoint_is_frozen() -> None:
     with pytest.raises(AttributeError):
         V4.port = 1  # type: ignore[misc]
+    moved = dataclasses.replace(V4, port=1)
+    assert moved == Endpoint(V4.ip, 1) and moved.to_bytes()[-2:] == b"\x00\x01"
+    with pytest.raises(WireError, match="endpoint port 70000"):
+        dataclasses.replace(V4, port=70000)
 
 
 # ---------------------------------------------------------------- request body
