@@ -20,8 +20,16 @@ INET_B=192.0.2.1      PUB_B=192.0.2.2            # internet <-> NAT B (public si
 LAN_A_GW=192.168.1.1  ALICE_LAN=192.168.1.2      # NAT A LAN <-> Alice
 LAN_B_GW=192.168.2.1  BOB_LAN=192.168.2.2        # NAT B LAN <-> Bob
 ALICE_TUN=10.99.0.1   BOB_TUN=10.99.0.2          # inside the WireGuard tunnel
+# IPv6 (with --ipv6 or a fw6 router): one /64 per link from 2001:db8::/32, no NAT66. The
+# inet router routes each LAN's /64 to its router's WAN address (a delegated prefix).
+INET_SRV6=2001:db8:5::1    SRV_ADDR6=2001:db8:5::2     # internet <-> public server
+INET_A6=2001:db8:f0a::1    PUB_A6=2001:db8:f0a::2      # internet <-> router A (WAN)
+INET_B6=2001:db8:f0b::1    PUB_B6=2001:db8:f0b::2      # internet <-> router B (WAN)
+LAN_A_GW6=2001:db8:a::1    ALICE_ADDR6=2001:db8:a::2   # LAN A (2001:db8:a::/64)
+LAN_B_GW6=2001:db8:b::1    BOB_ADDR6=2001:db8:b::2     # LAN B (2001:db8:b::/64)
+LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
 HOSTS="inet server nat-a nat-b alice bob"
-NAT_MODES="cone fullcone symmetric"
+NAT_MODES="cone fullcone symmetric fw6"
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
 
 usage() {
@@ -31,8 +39,15 @@ netns_lab.sh: see wgpunch punch through real NATs, on one machine, as root.
 The lab is six network namespaces joined by veth pairs (none touches the root namespace):
 
     alice 192.168.1.2 -- [nat-a 192.168.1.1 | $PUB_A] --+
-                                                           +-- inet -- server $SRV_ADDR
+                                                             +-- inet -- server $SRV_ADDR
     bob   192.168.2.2 -- [nat-b 192.168.2.1 | $PUB_B] ----+
+
+With IPv6 (--ipv6, or a fw6 router) every link also gets a /64 of the documentation
+range 2001:db8::/32, routed (no NAT66; the inet router routes each LAN's /64 to it):
+
+    alice $ALICE_ADDR6 -- [nat-a $LAN_A_GW6 | $PUB_A6] --+
+                                                                     +-- inet -- server $SRV_ADDR6
+    bob   $BOB_ADDR6 -- [nat-b $LAN_B_GW6 | $PUB_B6] --+
 
 Alice and Bob each have wg0 (listen port $WG_PORT, tunnel addresses $ALICE_TUN and $BOB_TUN)
 with the other as peer (allowed-ips, no endpoint). The server runs wg-rendezvous on
@@ -40,28 +55,38 @@ UDP $RDV_PORT; wg-punch on each side finds the other's public address:port there
 
 Usage: netns_lab.sh COMMAND [ARGS]
 
-  demo [--nat-a MODE] [--nat-b MODE] [--install]
+  demo [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2] [--install]
         Build a lab, start wg-rendezvous on the server and wg-punch on Alice and Bob,
         ping through the tunnel both ways, print the time from the second client's start
         to the first handshake, and tear everything down. Start here.
   check [--install]
         Say which tools are missing and the Debian packages that provide them;
         with --install, scripts/install-deps.sh --lab installs them (apt-get, pip).
-  up [--nat-a MODE] [--nat-b MODE]
+  up [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2]
         Build a lab and leave it running (WireGuard configured, no client started).
   down  Remove the lab: its processes (by PID), namespaces and state. Idempotent.
+  server [WG-RENDEZVOUS ARGS...]
+        Run wg-rendezvous on the server host in the foreground, set up for this lab
+        (its addresses; with --v2 its key and --require-auth); ARGS are appended.
+  punch alice|bob [WG-PUNCH ARGS...]
+        Run wg-punch on that host in the foreground: the server address that host
+        reaches (IPv6 behind fw6), wg0, with --v2 the server's public key; ARGS appended.
   exec HOST CMD...
         Run CMD on HOST ($HOSTS). On alice and bob it also
         sees that host's private /run/wireguard. Replaces itself with CMD.
   status
-        wg show on alice and bob, the NAT routers' UDP conntrack entries and drop rules.
-  info  The lab's addresses, keys and settings as KEY=VALUE lines.
+        wg show on alice and bob, the routers' UDP conntrack entries, drop rules and
+        (with IPv6) how many unsolicited inbound IPv6 packets their firewalls dropped.
+  info  The lab's addresses, keys and settings as KEY=VALUE lines (with IPv6 also
+        SRV_ADDR6, ALICE_ADDR6, BOB_ADDR6, PUB_A6, PUB_B6; with --v2 SERVER_PUBKEY).
   rebind a|b
         Make the NAT map its host's WireGuard port to a new public port (${REBIND_BASE}+n)
         and forget the old mapping (conntrack entries flushed), like a NAT reboot.
+        IPv4 only: there is nothing to rebind behind a fw6 router.
   drop a|b request|reply N
         Drop the next N rendezvous requests (leaving the LAN for UDP port $RDV_PORT) or
-        replies (arriving from UDP port $RDV_PORT) that cross that NAT.
+        replies (arriving from UDP port $RDV_PORT) that cross that router (N per address
+        family when the lab has IPv6).
 
 NAT modes (nftables on each router; the default is cone):
   cone       masquerade. Keeps the source port and hence the same public port for
@@ -72,7 +97,23 @@ NAT modes (nftables on each router; the default is cone):
              inbound UDP to that port back to the host (a dynamic nftables map).
   symmetric  masquerade fully-random: a new random public port for each destination.
              Hole punching through it needs port prediction; wg-punch should say so.
+  fw6        an IPv6-only access network (like many mobile networks): no IPv4 beyond
+             the LAN (the host has no IPv4 default route), and IPv6 through the
+             router's stateful firewall. Turns --ipv6 on for the whole lab.
 Every router drops unsolicited packets addressed to itself, as home routers do.
+
+IPv6 (--ipv6, or any fw6 router): every router is also an IPv6 stateful firewall, the
+IPv6 analogue of a filtering NAT and what home routers do: no NAT66 (the host's own
+address is its public one), outbound allowed, inbound only as part of a flow the host
+started (conntrack established/related), unsolicited inbound dropped and counted. So
+two hosts behind such firewalls still have to punch: both must send at once. --ipv6
+with cone/fullcone/symmetric gives dual-stack hosts: IPv4 through that NAT, IPv6 through
+the firewall.
+
+Protocol v2 (--v2): up makes the server's key pair in the lab's state dir
+(wg-rendezvous genkey/pubkey; $STATE_ROOT/PREFIX/server.key and .pub), and the server
+runs with --key FILE --require-auth (classic requests are not answered); wg-punch gets
+--server-key. Without --v2 both run the classic protocol.
 
 Environment:
   LAB_PREFIX    namespace/state prefix (default: a fresh wgpl-XXXXXX kept in
@@ -84,11 +125,14 @@ Environment:
                 from this checkout ($REPO) via PYTHONPATH, without installing
   LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
 
-Timing many runs: scripts/lab_bench.py -n 10 (a table of time-to-tunnel per NAT pair).
+Timing many runs: scripts/lab_bench.py -n 10 (a table of time-to-tunnel per NAT pair;
+--v2 for v2, --compare for classic and v2 side by side in one run).
 
 Examples:
   sudo scripts/netns_lab.sh demo
   sudo scripts/netns_lab.sh demo --nat-a symmetric        # watch it fail, and say why
+  sudo scripts/netns_lab.sh demo --v2                     # authenticated, coordinated punch
+  sudo scripts/netns_lab.sh demo --v2 --nat-a fw6 --nat-b fw6   # v2 over IPv6 firewalls
   sudo scripts/netns_lab.sh up --nat-a fullcone
   sudo scripts/netns_lab.sh exec alice wg show
   sudo scripts/netns_lab.sh down
@@ -220,11 +264,20 @@ cmd_check() {
 resolve_prefix_probe() { P=${P:-wgpl-check$$}; }
 
 # --- building the lab --------------------------------------------------------------------------
-new_ns() {
+new_ns() {  # IPv6 off, or (IPV6=1) on with static addresses only: no RA, SLAAC or DAD
   ip netns add "$1"
-  ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  if [ "$IPV6" = 1 ]; then
+    local c
+    for c in all default; do
+      ip netns exec "$1" sysctl -qw "net.ipv6.conf.$c.disable_ipv6=0" "net.ipv6.conf.$c.accept_ra=0" \
+        "net.ipv6.conf.$c.autoconf=0" "net.ipv6.conf.$c.accept_dad=0"
+    done
+  else
+    ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+  fi
   ip -n "$1" link set lo up
 }
+addr6() { ip -n "$1" -6 addr add "$3/64" dev "$2" nodad; }  # addr6 NS IF ADDR
 # link NS_A IF_A ADDR_A NS_B IF_B ADDR_B: a veth pair made directly inside the two namespaces.
 link() {
   ip -n "$1" link add "$2" type veth peer name "$5" netns "$4"
@@ -234,8 +287,9 @@ link() {
 
 # nat_ruleset MODE LAN_HOST: the router's nftables table (one table, flushed on reload).
 nat_ruleset() {
-  local mode=$1 masq="masquerade"
-  [ "$mode" = symmetric ] && masq="masquerade fully-random"
+  local mode=$1 masq='oifname "wan" masquerade'
+  [ "$mode" = symmetric ] && masq='oifname "wan" masquerade fully-random'
+  [ "$mode" = fw6 ] && masq='# fw6: nothing to masquerade (no IPv4 leaves the LAN)'
   cat <<EOF
 table ip wgpunch_lab {
 EOF
@@ -261,7 +315,7 @@ EOF
 	chain nat_post {
 		type nat hook postrouting priority srcnat;
 		# \`rebind\` inserts host-specific snat rules above this line
-		oifname "wan" $masq
+		$masq
 	}
 	chain router_in {
 		type filter hook input priority filter; policy accept;
@@ -272,11 +326,40 @@ EOF
 	}
 	chain router_fwd {
 		type filter hook forward priority filter; policy drop;
-		iifname "lan" oifname "wan" accept
-		iifname "wan" oifname "lan" ct state established,related accept
 EOF
+  if [ "$mode" = fw6 ]; then
+    echo '		# fw6: an IPv6-only access network; no IPv4 leaves or enters the LAN'
+  else
+    echo '		iifname "lan" oifname "wan" accept'
+    echo '		iifname "wan" oifname "lan" ct state established,related accept'
+  fi
   [ "$mode" = fullcone ] && echo '		iifname "wan" oifname "lan" ct status dnat accept'
   cat <<EOF
+	}
+}
+EOF
+}
+
+# fw6_ruleset: every router's IPv6 table when the lab has IPv6 (whatever its IPv4 mode).
+# No NAT66: the LAN's /64 is routed. A stateful firewall, as home routers do for IPv6:
+# outbound allowed, inbound only as part of a flow the LAN host started (conntrack
+# established/related, which also admits ICMPv6 errors), unsolicited inbound dropped and
+# counted. Neighbour discovery on the WAN link is the one thing let in to the router.
+fw6_ruleset() {
+  cat <<EOF
+table ip6 wgpunch_lab6 {
+	chain drops { type filter hook forward priority filter - 10; }
+	chain router_in {
+		type filter hook input priority filter; policy accept;
+		iifname "wan" ct state established,related accept
+		iifname "wan" icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept
+		iifname "wan" drop
+	}
+	chain router_fwd {
+		type filter hook forward priority filter; policy drop;
+		iifname "lan" oifname "wan" accept
+		iifname "wan" oifname "lan" ct state established,related accept
+		iifname "wan" oifname "lan" counter drop comment "unsolicited"
 	}
 }
 EOF
@@ -323,17 +406,21 @@ make_wg() {  # make_wg HOST ADDR PEER_HOST PEER_ADDR
 }
 
 cmd_up() {
-  local nat_a=cone nat_b=cone
+  local nat_a=cone nat_b=cone v2=0
+  IPV6=0
   while [ $# -gt 0 ]; do
     case $1 in
       --nat-a) nat_a=${2:-}; shift 2 ;;
       --nat-b) nat_b=${2:-}; shift 2 ;;
+      --ipv6) IPV6=1; shift ;;
+      --v2) v2=1; shift ;;
       *) die "up: unknown argument '$1' (see --help)" ;;
     esac
   done
   local m
   for m in "$nat_a" "$nat_b"; do
     [[ " $NAT_MODES " == *" $m "* ]] || die "unknown NAT mode '$m' (one of: $NAT_MODES)"
+    [ "$m" = fw6 ] && IPV6=1   # an IPv6-only LAN needs IPv6 on the whole lab
   done
   [ "$(id -u)" = 0 ] || die "needs root"
   resolve_prefix new
@@ -358,7 +445,10 @@ cmd_up() {
   inet=$(ns_of inet) srv=$(ns_of server) na=$(ns_of nat-a) nb=$(ns_of nat-b)
   al=$(ns_of alice) bo=$(ns_of bob)
   for n in "$inet" "$srv" "$na" "$nb" "$al" "$bo"; do new_ns "$n"; done
-  for n in "$inet" "$na" "$nb"; do ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1; done
+  for n in "$inet" "$na" "$nb"; do
+    ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
+    [ "$IPV6" = 0 ] || ip netns exec "$n" sysctl -qw net.ipv6.conf.all.forwarding=1
+  done
 
   link "$inet" srv0 "$INET_SRV/24" "$srv" eth0 "$SRV_ADDR/24"
   link "$inet" nata0 "$INET_A/24" "$na" wan "$PUB_A/24"
@@ -368,27 +458,61 @@ cmd_up() {
   ip -n "$srv" route add default via "$INET_SRV"
   ip -n "$na" route add default via "$INET_A"
   ip -n "$nb" route add default via "$INET_B"
-  ip -n "$al" route add default via "$LAN_A_GW"
-  ip -n "$bo" route add default via "$LAN_B_GW"
+  # an IPv6-only (fw6) LAN host has no IPv4 route beyond its LAN, like a real one
+  [ "$nat_a" = fw6 ] || ip -n "$al" route add default via "$LAN_A_GW"
+  [ "$nat_b" = fw6 ] || ip -n "$bo" route add default via "$LAN_B_GW"
+  if [ "$IPV6" = 1 ]; then
+    addr6 "$inet" srv0 "$INET_SRV6"; addr6 "$srv" eth0 "$SRV_ADDR6"
+    addr6 "$inet" nata0 "$INET_A6"; addr6 "$na" wan "$PUB_A6"
+    addr6 "$inet" natb0 "$INET_B6"; addr6 "$nb" wan "$PUB_B6"
+    addr6 "$na" lan "$LAN_A_GW6"; addr6 "$al" eth0 "$ALICE_ADDR6"
+    addr6 "$nb" lan "$LAN_B_GW6"; addr6 "$bo" eth0 "$BOB_ADDR6"
+    ip -n "$inet" -6 route add "$LAN_A_NET6" via "$PUB_A6"
+    ip -n "$inet" -6 route add "$LAN_B_NET6" via "$PUB_B6"
+    ip -n "$srv" -6 route add default via "$INET_SRV6"
+    ip -n "$na" -6 route add default via "$INET_A6"
+    ip -n "$nb" -6 route add default via "$INET_B6"
+    ip -n "$al" -6 route add default via "$LAN_A_GW6"
+    ip -n "$bo" -6 route add default via "$LAN_B_GW6"
+  fi
 
   nat_ruleset "$nat_a" | ip netns exec "$na" nft -f -
   nat_ruleset "$nat_b" | ip netns exec "$nb" nft -f -
+  if [ "$IPV6" = 1 ]; then
+    fw6_ruleset | ip netns exec "$na" nft -f -
+    fw6_ruleset | ip netns exec "$nb" nft -f -
+  fi
 
   (umask 077; for h in alice bob; do wg genkey >"$S/$h.key"; wg pubkey <"$S/$h.key" >"$S/$h.pub"; done)
+  [ $v2 = 0 ] || make_server_key
   cat >"$S/config" <<EOF
 NAT_A=$nat_a
 NAT_B=$nat_b
 WG_IMPL=$WG_IMPL
+IPV6=$IPV6
+V2=$v2
 EOF
   make_holder alice; make_holder bob
   make_wg alice "$ALICE_TUN" bob "$BOB_TUN"
   make_wg bob "$BOB_TUN" alice "$ALICE_TUN"
   UP_DONE=1; trap - EXIT
-  say "lab $P is up (NAT A: $nat_a, NAT B: $nat_b, WireGuard: $WG_IMPL)"
+  say "lab $P is up (NAT A: $nat_a, NAT B: $nat_b, WireGuard: $WG_IMPL, IPv6: $(yesno "$IPV6"), protocol: $(proto_name "$v2"))"
 }
+
+yesno() { if [ "$1" = 1 ]; then echo yes; else echo no; fi; }
+proto_name() { if [ "$1" = 1 ]; then echo v2; else echo classic; fi; }
+
+# The rendezvous server's own X25519 key pair (v2), made by wg-rendezvous itself.
+make_server_key() {
+  (umask 077; rdv_tool genkey >"$S/server.key") ||
+    die "wg-rendezvous genkey failed: this checkout's server has no v2 yet?"
+  rdv_tool pubkey <"$S/server.key" >"$S/server.pub" || die "wg-rendezvous pubkey failed"
+}
+rdv_tool() { env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m rendezvous "$@"; }
 
 load_config() {
   [ -f "$S/config" ] || die "lab $P is not up (no $S/config)"
+  IPV6=0 V2=0   # labs made before these settings existed
   # shellcheck disable=SC1091
   . "$S/config"
 }
@@ -469,19 +593,50 @@ ALICE_TUN=$ALICE_TUN
 BOB_TUN=$BOB_TUN
 ALICE_PUBKEY=$(cat "$S/alice.pub")
 BOB_PUBKEY=$(cat "$S/bob.pub")
+IPV6=$IPV6
+PROTOCOL=$(proto_name "$V2")
+ALICE_RDV=$(rdv_for alice)
+BOB_RDV=$(rdv_for bob)
 EOF
+  [ "$IPV6" = 0 ] || cat <<EOF
+SRV_ADDR6=$SRV_ADDR6
+PUB_A6=$PUB_A6
+PUB_B6=$PUB_B6
+ALICE_ADDR6=$ALICE_ADDR6
+BOB_ADDR6=$BOB_ADDR6
+EOF
+  [ "$V2" = 0 ] || cat <<EOF
+SERVER_KEY_FILE=$S/server.key
+SERVER_PUBKEY=$(cat "$S/server.pub")
+EOF
+}
+
+# rdv_for HOST: the rendezvous server address:port HOST's wg-punch is given (IPv6 behind fw6)
+rdv_for() {
+  local mode=$NAT_A
+  [ "$1" = bob ] && mode=$NAT_B
+  if [ "$mode" = fw6 ]; then echo "[$SRV_ADDR6]:$RDV_PORT"; else echo "$SRV_ADDR:$RDV_PORT"; fi
 }
 
 cmd_status() {
   resolve_prefix; load_config
-  echo "lab $P (NAT A: $NAT_A, NAT B: $NAT_B, WireGuard: $WG_IMPL)"
+  echo "lab $P (NAT A: $NAT_A, NAT B: $NAT_B, WireGuard: $WG_IMPL, IPv6: $(yesno "$IPV6"), protocol: $(proto_name "$V2"))"
   local h
   for h in alice bob; do echo "== $h: wg show"; on "$h" wg show wg0 || true; done
+  local fams=ipv4 f
+  [ "$IPV6" = 0 ] || fams="ipv4 ipv6"
   for h in nat-a nat-b; do
-    echo "== $h: UDP conntrack"
-    if command -v conntrack >/dev/null; then on "$h" conntrack -L -p udp 2>/dev/null || true
-    else echo "(install conntrack to see them)"; fi
+    for f in $fams; do
+      echo "== $h: UDP conntrack ($f)"
+      if command -v conntrack >/dev/null; then on "$h" conntrack -L -f "$f" -p udp 2>/dev/null || true
+      else echo "(install conntrack to see them)"; fi
+    done
     echo "== $h: drop rules"; on "$h" nft list chain ip wgpunch_lab drops | grep -w drop || true
+    if [ "$IPV6" = 1 ]; then
+      on "$h" nft list chain ip6 wgpunch_lab6 drops | grep -w drop || true
+      echo "== $h: IPv6 firewall, unsolicited inbound dropped"
+      on "$h" nft list chain ip6 wgpunch_lab6 router_fwd | grep -w unsolicited || true
+    fi
   done
 }
 
@@ -491,9 +646,10 @@ cmd_rebind() {
   [ $# -eq 1 ] || die "usage: rebind a|b"
   resolve_prefix; load_config
   command -v conntrack >/dev/null || die "rebind needs conntrack (apt-get install conntrack)"
-  local nat lan pub n port
+  local nat lan pub n port mode
   nat=$(nat_host "$1")
-  if [ "$1" = a ]; then lan=$ALICE_LAN pub=$PUB_A; else lan=$BOB_LAN pub=$PUB_B; fi
+  if [ "$1" = a ]; then lan=$ALICE_LAN pub=$PUB_A mode=$NAT_A; else lan=$BOB_LAN pub=$PUB_B mode=$NAT_B; fi
+  [ "$mode" != fw6 ] || die "rebind: router $1 is fw6, which maps nothing (no NAT66, no IPv4)"
   n=$(( $(cat "$S/rebind-$1" 2>/dev/null || echo 0) + 1 ))
   port=$((REBIND_BASE + n))
   # New rule first (newest on top), then forget the old mappings so the next packet
@@ -519,9 +675,49 @@ cmd_drop() {
     *) die "drop what? request or reply, not '$2'" ;;
   esac
   # numgen inc counts the packets this rule sees: the first N are dropped, later ones pass.
+  # One rule per address family, each with its own count.
   on "$nat" nft add rule ip wgpunch_lab drops $match numgen inc mod 1000000000 '<' "$3" \
     counter drop comment "\"$2 x$3\""
-  say "NAT $1 drops the next $3 rendezvous $2(s)"
+  [ "$IPV6" = 0 ] || on "$nat" nft add rule ip6 wgpunch_lab6 drops $match \
+    numgen inc mod 1000000000 '<' "$3" counter drop comment "\"$2 x$3\""
+  say "NAT $1 drops the next $3 rendezvous $2(s)$( [ "$IPV6" = 0 ] || echo ' per address family')"
+}
+
+# --- the programs under test ------------------------------------------------------------------------
+pyenv() { PYENV=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}"); }
+
+# server_argv: wg-rendezvous as this lab runs it (in SERVER_ARGV).
+server_argv() {
+  pyenv
+  SERVER_ARGV=("${PYENV[@]}" "$PYTHON" -m rendezvous --listen "$SRV_ADDR")
+  # classic is IPv4 only; v2 also listens on the server's IPv6 address if the lab has one
+  [ "$IPV6" = 0 ] || [ "$V2" = 0 ] || SERVER_ARGV+=(--listen "$SRV_ADDR6")
+  SERVER_ARGV+=(--port "$RDV_PORT" -v)
+  [ "$V2" = 0 ] || SERVER_ARGV+=(--key "$S/server.key" --require-auth)
+}
+# punch_argv HOST: wg-punch as this lab runs it on HOST (in PUNCH_ARGV); options go first.
+punch_argv() {
+  pyenv
+  PUNCH_ARGV=("${PYENV[@]}" "$PYTHON" -m punch)
+  [ "$V2" = 0 ] || PUNCH_ARGV+=(--server-key "$(cat "$S/server.pub")")
+  PUNCH_ARGV+=("$(rdv_for "$1")" wg0)
+}
+
+cmd_server() {
+  resolve_prefix; load_config
+  ns_exists "$(ns_of server)" || die "lab $P has no server (is it up?)"
+  server_argv; host_argv server
+  exec "${HOST_ARGV[@]}" "${SERVER_ARGV[@]}" "$@"
+}
+
+cmd_punch() {
+  [ $# -ge 1 ] || die "usage: punch alice|bob [WG-PUNCH ARGS...]"
+  case $1 in alice|bob) ;; *) die "punch runs on alice or bob, not '$1'" ;; esac
+  resolve_prefix; load_config
+  local h=$1; shift
+  punch_argv "$h"; host_argv "$h"
+  local last=$((${#PUNCH_ARGV[@]} - 2))   # the user's options go before SERVER and wg0
+  exec "${HOST_ARGV[@]}" "${PUNCH_ARGV[@]:0:$last}" "$@" "${PUNCH_ARGV[@]:$last}"
 }
 
 # --- the demo ---------------------------------------------------------------------------------------
@@ -536,6 +732,7 @@ cmd_demo() {
   while [ $# -gt 0 ]; do
     case $1 in
       --nat-a|--nat-b) up_args+=("$1" "${2:-}"); shift 2 ;;
+      --ipv6|--v2) up_args+=("$1"); shift ;;
       --install) install=1; shift ;;
       *) die "demo: unknown argument '$1' (see --help)" ;;
     esac
@@ -551,21 +748,24 @@ cmd_demo() {
   cmd_up "${up_args[@]}"
   trap 'cmd_down >/dev/null 2>&1 || true' EXIT
   resolve_prefix; load_config
-  local limit=${LAB_TIMEOUT:-20} pyenv=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}")
+  local limit=${LAB_TIMEOUT:-20}
 
-  spawn server server "${pyenv[@]}" "$PYTHON" -m rendezvous --listen "$SRV_ADDR" --port "$RDV_PORT" -v
+  server_argv
+  spawn server server "${SERVER_ARGV[@]}"
   local i
   for i in $(seq 250); do
     on server ss -Hlun "sport = :$RDV_PORT" | grep -q . && break
     running "$SPAWNED" || { cat "$S/logs/server.log" >&2; die "wg-rendezvous exited"; }
     sleep 0.02
   done
-  say "wg-rendezvous listens on $SRV_ADDR:$RDV_PORT"
+  say "wg-rendezvous listens on UDP $RDV_PORT ($(proto_name "$V2"))"
 
-  spawn punch-alice alice "${pyenv[@]}" "$PYTHON" -m punch "$SRV_ADDR:$RDV_PORT" wg0 --timeout "$limit" -v
+  punch_argv alice
+  spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v
   local pa=$SPAWNED
+  punch_argv bob
   local t0; t0=$(now_us)
-  spawn punch-bob bob "${pyenv[@]}" "$PYTHON" -m punch "$SRV_ADDR:$RDV_PORT" wg0 --timeout "$limit" -v
+  spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v
   local pb=$SPAWNED
   say "wg-punch started on alice and bob; waiting up to ${limit}s for a handshake"
   local t1=0 deadline=$(( t0 + limit * 1000000 ))
@@ -594,7 +794,8 @@ cmd_demo() {
     fi
     printf 'time from the second client start to the first handshake: %d.%03d s\n' $((ttt / 1000)) $((ttt % 1000))
   fi
-  echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb"
+  echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb" \
+       "proto=$(proto_name "$V2") ipv6=$IPV6"
   [ $ok = 1 ]
 }
 
@@ -610,6 +811,8 @@ main() {
     status) cmd_status ;;
     info) cmd_info ;;
     rebind) cmd_rebind "$@" ;;
+    server) cmd_server "$@" ;;
+    punch) cmd_punch "$@" ;;
     drop) cmd_drop "$@" ;;
     check) cmd_check "$@" && say "all tools present" ;;
     demo) cmd_demo "$@" ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ def _missing_tools() -> str:
 
 @pytest.fixture
 def make_lab() -> Iterator[Callable[..., Lab]]:
-    """``make_lab(nat_a, nat_b)`` builds a running lab; all are torn down afterwards."""
+    """``make_lab(nat_a, nat_b, ipv6=.., v2=..)`` builds a running lab; all are torn down
+    afterwards."""
     if not is_root():
         pytest.skip("needs root")
     missing = _missing_tools()
@@ -33,7 +35,7 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
         pytest.skip(missing)
     labs: list[Lab] = []
 
-    def factory(nat_a: str = "cone", nat_b: str = "cone", **kw: str) -> Lab:
+    def factory(nat_a: str = "cone", nat_b: str = "cone", **kw: Any) -> Lab:
         lab = Lab(nat_a, nat_b, **kw)
         labs.append(lab)  # registered before up(): a half-built lab is removed too
         return lab.up()

@@ -70,9 +70,11 @@ class Lab:
     """One lab: ``up()``, then run things on its hosts; ``down()`` always."""
 
     def __init__(self, nat_a: str = "cone", nat_b: str = "cone", *,
-                 prefix: str | None = None, wg: str | None = None) -> None:
+                 prefix: str | None = None, wg: str | None = None, ipv6: bool = False,
+                 v2: bool = False) -> None:
         self.prefix = prefix or new_prefix()
         self.nat_a, self.nat_b = nat_a, nat_b
+        self.ipv6, self.v2 = ipv6, v2
         self.extra_env = {"LAB_WG": wg} if wg else {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.info: dict[str, str] = {}
@@ -90,7 +92,8 @@ class Lab:
         return r
 
     def up(self) -> Lab:
-        self.script("up", "--nat-a", self.nat_a, "--nat-b", self.nat_b)
+        self.script("up", "--nat-a", self.nat_a, "--nat-b", self.nat_b,
+                    *(["--ipv6"] if self.ipv6 else []), *(["--v2"] if self.v2 else []))
         self.info = dict(line.split("=", 1) for line in self.script("info").stdout.split())
         return self
 
@@ -153,7 +156,12 @@ class Lab:
 
     def wait_line(self, p: subprocess.Popen[bytes], want: str = "ready") -> None:
         assert p.stdout is not None
-        line = p.stdout.readline().decode().strip()
+        # Byte by byte from the pipe itself: a buffered readline() could swallow the
+        # lines after this one, which communicate() (reading the fd) would then never see.
+        fd, raw = p.stdout.fileno(), b""
+        while not raw.endswith(b"\n") and (c := os.read(fd, 1)):
+            raw += c
+        line = raw.decode(errors="replace").strip()
         if line != want:
             _, err = self.stop(p)
             raise LabError(f"expected {want!r} from {p.args}, got {line!r}: {err}")
@@ -221,12 +229,22 @@ class Lab:
         return False
 
     def drops(self, nat: str) -> int:
-        """Packets the `drop` rules on NAT ('a' or 'b') have dropped so far."""
+        """Packets the `drop` rules on NAT ('a' or 'b') have dropped so far (both families)."""
         out = self.run(f"nat-{nat}", ["nft", "list", "chain", "ip", "wgpunch_lab", "drops"]).stdout
+        if self.info.get("IPV6") == "1":
+            out += self.run(f"nat-{nat}", ["nft", "list", "chain", "ip6", "wgpunch_lab6",
+                                           "drops"]).stdout
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
 
-    def conntrack(self, nat: str) -> str:
-        return self.run(f"nat-{nat}", ["conntrack", "-L", "-p", "udp"]).stdout
+    def fw6_dropped(self, nat: str) -> int:
+        """Unsolicited inbound IPv6 packets router NAT ('a' or 'b') has dropped so far."""
+        out = self.run(f"nat-{nat}", ["nft", "list", "chain", "ip6", "wgpunch_lab6",
+                                      "router_fwd"]).stdout
+        (n,) = re.findall(r"counter packets (\d+) bytes \d+ drop comment \"unsolicited\"", out)
+        return int(n)
+
+    def conntrack(self, nat: str, family: str = "ipv4") -> str:
+        return self.run(f"nat-{nat}", ["conntrack", "-L", "-f", family, "-p", "udp"]).stdout
 
     def probe(self, host: str, *args: str) -> subprocess.Popen[bytes]:
         return self.python(host, [PROBE, *args])

@@ -150,6 +150,118 @@ def test_drop_loses_exactly_the_next_n_rendezvous_packets(make_lab, nat: str, wh
     assert lab.ask(host, 40001, f"{lab.server}:7001") == [f"{pub}:40001"]
 
 
+# -- IPv6: routed /64s from 2001:db8::/32, stateful firewalls on the routers, no NAT66 ----
+
+def _v6(addr: str, port: int | str) -> str:
+    return f"[{addr}]:{port}"
+
+
+def test_ipv6_adds_dual_stack_without_nat66(make_lab) -> None:
+    lab = make_lab(ipv6=True)
+    assert lab.info["IPV6"] == "1" and lab.info["NAT_A"] == "cone"
+    _echo(lab)
+    # IPv4 still leaves through NAT A's public address; IPv6 leaves with Alice's own.
+    assert lab.ask("alice", 40000, f"{lab.server}:7001",
+                   _v6(lab.info["SRV_ADDR6"], 7001)) == [
+        f"{lab.info['PUB_A']}:40000", _v6(lab.info["ALICE_ADDR6"], 40000)]
+    assert lab.ask("bob", 40000, _v6(lab.info["SRV_ADDR6"], 7002)) == [
+        _v6(lab.info["BOB_ADDR6"], 40000)]
+    addrs = lab.run("alice", ["ip", "-6", "-o", "addr", "show", "dev", "eth0"]).stdout
+    assert lab.info["ALICE_ADDR6"] + "/64" in addrs
+
+
+def test_without_ipv6_the_lab_has_none(make_lab) -> None:
+    lab = make_lab()
+    assert lab.info["IPV6"] == "0" and "ALICE_ADDR6" not in lab.info
+    assert lab.run("alice", ["ip", "-6", "-o", "addr"]).stdout.strip() == ""
+
+
+def test_fw6_is_an_ipv6_only_access_network(make_lab) -> None:
+    lab = make_lab("fw6", "cone")
+    assert lab.info["IPV6"] == "1"  # fw6 turns IPv6 on for the whole lab
+    assert lab.info["ALICE_RDV"] == _v6(lab.info["SRV_ADDR6"], lab.info["RDV_PORT"])
+    assert lab.info["BOB_RDV"] == lab.rdv
+    _echo(lab)
+    assert lab.ask("alice", 40000, f"{lab.server}:7001",
+                   _v6(lab.info["SRV_ADDR6"], 7001)) == ["-", _v6(lab.info["ALICE_ADDR6"], 40000)]
+    assert lab.ask("bob", 40000, f"{lab.server}:7001",
+                   _v6(lab.info["SRV_ADDR6"], 7001)) == [
+        f"{lab.info['PUB_B']}:40000", _v6(lab.info["BOB_ADDR6"], 40000)]
+    r = lab.script("rebind", "a", check=False)
+    assert r.returncode != 0 and "fw6" in r.stderr
+
+
+@pytest.mark.parametrize("modes", [("fw6", "fw6"), ("cone", "cone")], ids=["fw6", "cone-ipv6"])
+def test_ipv6_firewall_drops_unsolicited_inbound_and_lets_replies_in(make_lab,
+                                                                     modes: tuple[str, str]) -> None:
+    lab = make_lab(*modes, ipv6=True)
+    _echo(lab)
+    alice, bob = lab.info["ALICE_ADDR6"], lab.info["BOB_ADDR6"]
+    # Alice opens a flow to the server from 40000; the server's replies come back in.
+    listener = lab.probe("alice", "listen", "40000", "3", _v6(lab.info["SRV_ADDR6"], 7001))
+    lab.wait_line(listener)
+    time.sleep(0.2)
+    before = lab.fw6_dropped("a")
+    # Bob, whom Alice never sent to, tries the same port, and a port nobody opened.
+    assert lab.ask("bob", 40001, _v6(alice, 40000), _v6(alice, 40002)) == ["-", "-"]
+    out, err = lab.stop(listener)
+    # Only the server's echo of Alice's "open" got through: a reply to her own flow.
+    assert out.split() == [_v6(lab.info["SRV_ADDR6"], 7001)], out + err
+    assert lab.fw6_dropped("a") - before == 2  # both reached router A and died there
+    # Replies to what Alice sent are let in.
+    assert lab.ask("alice", 40003, _v6(lab.info["SRV_ADDR6"], 7002)) == [_v6(alice, 40003)]
+    # The punch: once Alice has sent to Bob's address:port, Bob's datagrams from there
+    # are replies to her flow and pass (her "open" itself died at Bob's firewall).
+    before_b = lab.fw6_dropped("b")
+    listener = lab.probe("alice", "listen", "40004", "3", _v6(bob, 40005))
+    lab.wait_line(listener)
+    time.sleep(0.2)
+    lab.ask("bob", 40005, _v6(alice, 40004))
+    out, _ = lab.stop(listener)
+    assert _v6(bob, 40005) in out.split(), out
+    assert lab.fw6_dropped("b") - before_b == 1
+
+
+def _set_endpoint(lab: Lab, host: str, endpoint: str) -> None:
+    peer = lab.info["BOB_PUBKEY" if host == "alice" else "ALICE_PUBKEY"]
+    lab.run(host, ["wg", "set", "wg0", "peer", peer, "endpoint", endpoint,
+                   "persistent-keepalive", "25"])
+
+
+def test_wireguard_tunnel_over_ipv6_forms_when_both_send(make_lab) -> None:
+    lab = make_lab("fw6", "fw6")
+    a6 = _v6(lab.info["ALICE_ADDR6"], 51820)
+    b6 = _v6(lab.info["BOB_ADDR6"], 51820)
+    _set_endpoint(lab, "alice", b6)
+    _set_endpoint(lab, "bob", a6)
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"])
+    assert lab.ping("bob", lab.info["ALICE_TUN"])
+    assert lab.endpoint("alice") == b6 and lab.endpoint("bob") == a6
+
+
+def test_ipv6_firewall_keeps_out_a_peer_the_host_never_sent_to(make_lab) -> None:
+    lab = make_lab("fw6", "fw6")
+    # Only Bob knows where Alice is: his handshakes die at Alice's firewall.
+    _set_endpoint(lab, "bob", _v6(lab.info["ALICE_ADDR6"], 51820))
+    assert not lab.wait_handshake("bob", 6), "an unsolicited handshake crossed the firewall"
+    assert lab.handshake("alice") == 0
+    assert lab.fw6_dropped("a") >= 1, "Bob's handshake never reached router A: proves nothing"
+    # The same two peers connect as soon as Alice sends too: it was the firewall.
+    _set_endpoint(lab, "alice", _v6(lab.info["BOB_ADDR6"], 51820))
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("bob", lab.info["ALICE_TUN"])
+
+
+def test_drop_also_loses_ipv6_rendezvous_packets(make_lab) -> None:
+    lab = make_lab("fw6", "fw6")
+    _echo(lab, "server", "49918")
+    srv6 = _v6(lab.info["SRV_ADDR6"], 49918)
+    lab.script("drop", "a", "request", "1")
+    assert lab.ask("alice", 40000, srv6, srv6) == ["-", _v6(lab.info["ALICE_ADDR6"], 40000)]
+    assert lab.drops("a") == 1
+
+
 def test_exec_rejects_unknown_hosts(make_lab) -> None:
     lab = make_lab()
     r = lab.script("exec", "mallory", "true", check=False)
@@ -202,7 +314,7 @@ def test_help_teaches() -> None:
     r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0
     for word in ("demo", "up", "down", "exec", "status", "rebind", "drop", "fullcone", "symmetric",
-                 "LAB_PREFIX"):
+                 "fw6", "--ipv6", "--v2", "2001:db8", "LAB_PREFIX"):
         assert word in r.stdout
 
 
