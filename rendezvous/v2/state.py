@@ -78,7 +78,9 @@ class ClientRecord:
         self.v6: Registration | None = None
         self.timestamp = 0
         self.nat = 0
-        self.asks: OrderedDict[bytes, Ask] = OrderedDict()  # least recently asked first
+        self.asks: dict[bytes, Ask] = {}  # least recently asked first (a plain dict is
+        # ordered too, and costs half an OrderedDict: asks are small, so walking over
+        # the dead slots re-asking leaves at their front stays cheap)
         self.seen = now
 
 
@@ -243,17 +245,18 @@ class V2Registry:
         ask = asks.get(peer)
         if ask is not None:
             ask.asked = now
-            asks.move_to_end(peer)
+            del asks[peer]  # re-insert: to the back
+            asks[peer] = ask
             return
         while asks:  # drop expired asks from the front (amortised O(1))
-            first = next(iter(asks.values()))
-            if now - first.asked < self.ttl:
+            first = next(iter(asks))
+            if now - asks[first].asked < self.ttl:
                 break
-            asks.popitem(last=False)
+            del asks[first]
             self._asks -= 1
             self.stats.asks_expired += 1
         if len(asks) >= self.max_asks_per_client:
-            asks.popitem(last=False)
+            del asks[next(iter(asks))]
             self._asks -= 1
             self.stats.asks_evicted += 1
         asks[peer] = Ask(now)
