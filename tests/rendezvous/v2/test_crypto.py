@@ -46,6 +46,11 @@ PEER = bytes(range(32))
 SERVER_PRIV = generate_private_key()
 
 
+def fuzz_seed() -> int:
+    """WGPUNCH_FUZZ_SEED replays a run; otherwise a fresh seed, printed by the test."""
+    return int(os.environ.get("WGPUNCH_FUZZ_SEED") or int.from_bytes(os.urandom(4), "big"))
+
+
 def nonce_of(m: dict) -> bytes:
     return bytes.fromhex(m["nonce"])
 
@@ -459,16 +464,20 @@ def test_independent_aead_matches(pair: tuple[ClientCrypto, ServerCrypto]) -> No
 @pytest.mark.fuzz
 def test_fuzz_open_request_and_parse_header() -> None:
     """100,000+ random and mutated datagrams: each returns or raises WireError/AuthError."""
-    seed = int.from_bytes(os.urandom(4), "big")
+    seed = fuzz_seed()
     rng = random.Random(seed)
-    server_priv = generate_private_key()
+    server_priv = rng.randbytes(32)  # deterministic per seed
     server = ServerCrypto(server_priv, cache_size=64)
-    clients = [ClientCrypto(generate_private_key(), server.server_public) for _ in range(4)]
+    clients = [ClientCrypto(rng.randbytes(32), server.server_public) for _ in range(4)]
     seeds = [
-        c.seal_request(RequestBody(rng.getrandbits(64), rng.getrandbits(32) | 1, PEER))
+        c.seal_request(
+            RequestBody(rng.getrandbits(64), rng.getrandbits(32) | 1, PEER), rng.randbytes(12)
+        )
         for c in clients
     ]
-    seeds.append(clients[0].seal_request_bytes(bytes(60)))  # authentic, longer plaintext
+    seeds.append(
+        clients[0].seal_request_bytes(bytes(60), rng.randbytes(12))
+    )  # authentic, longer plaintext
     valid_header = header(MsgType.REQUEST)
     outcomes = {"ok": 0, "WireError": 0, "AuthError": 0}
     started = time.perf_counter()
@@ -476,7 +485,9 @@ def test_fuzz_open_request_and_parse_header() -> None:
     for i in range(n):
         kind = i % 10
         if kind == 9:  # authentic, random plaintext of 48..80 bytes: reaches the body parser
-            data = rng.choice(clients).seal_request_bytes(rng.randbytes(rng.randrange(48, 81)))
+            data = rng.choice(clients).seal_request_bytes(
+                rng.randbytes(rng.randrange(48, 81)), rng.randbytes(12)
+            )
         elif kind < 3:  # random bytes, random length
             data = rng.randbytes(rng.choice((rng.randrange(0, 200), rng.randrange(60, 130))))
         elif kind == 3:  # a valid header, then random bytes (mostly random keys: X25519 each)
@@ -530,14 +541,14 @@ def test_fuzz_open_request_and_parse_header() -> None:
 @pytest.mark.fuzz
 def test_fuzz_client_open() -> None:
     """Random and mutated server messages at the client, through the AEAD and behind it."""
-    seed = int.from_bytes(os.urandom(4), "big")
+    seed = fuzz_seed()
     rng = random.Random(seed)
-    server = ServerCrypto(generate_private_key())
-    client = ClientCrypto(generate_private_key(), server.server_public)
+    server = ServerCrypto(rng.randbytes(32))
+    client = ClientCrypto(rng.randbytes(32), server.server_public)
     pub = client.client_public
     good = [
-        server.seal_reply(pub, ReplyBody(1, Status.FOUND, 2, V4, (V6, V4))),
-        server.seal_notify(pub, NotifyBody(3, PEER, (V6, V4))),
+        server.seal_reply(pub, ReplyBody(1, Status.FOUND, 2, V4, (V6, V4)), rng.randbytes(12)),
+        server.seal_notify(pub, NotifyBody(3, PEER, (V6, V4)), rng.randbytes(12)),
     ]
     plains = {
         MsgType.REPLY: ReplyBody(1, Status.FOUND, 2, V4, (V6,)).to_bytes(),
@@ -555,7 +566,7 @@ def test_fuzz_client_open() -> None:
                 if rng.random() < 0.2
                 else plain + rng.randbytes(rng.randrange(3))
             )
-            data = server.seal_bytes(pub, t, bytes(plain))
+            data = server.seal_bytes(pub, t, bytes(plain), rng.randbytes(12))
         elif i % 3 == 1:
             data = rng.randbytes(rng.randrange(0, 130))
             if rng.random() < 0.5:
