@@ -245,6 +245,7 @@ class Server:
         handle = self.service.handle
         clock = self.clock
         verbose = self.options.verbose
+        v2 = self.service.v2
         v6 = sock.family == socket.AF_INET6
         ancsize = (socket.CMSG_SPACE(20 if v6 else 12)) if pktinfo else 0
         pkt_level, pkt_type = ((socket.IPPROTO_IPV6, _IPV6_PKTINFO) if v6
@@ -280,13 +281,14 @@ class Server:
                 reply = handle(data, src, clock(), local)
                 if verbose:
                     self._log_request(data, src, reply)
-                if reply is None:
-                    continue
-                try:
-                    sock.sendmsg([reply], cmsg, 0, addr)
-                except OSError as e:
-                    self.send_failed += 1
-                    log.debug("sendmsg to %s: %s", addr, e)
+                if reply is not None:
+                    try:
+                        sock.sendmsg([reply], cmsg, 0, addr)
+                    except OSError as e:
+                        self.send_failed += 1
+                        log.debug("sendmsg to %s: %s", addr, e)
+                if v2 is not None and v2.outbox:  # right after the reply: punch together
+                    self.send_notifications()
 
         return read
 

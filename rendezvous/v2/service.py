@@ -176,5 +176,7 @@ class V2Service:
 
     def snapshot(self) -> dict[str, int]:
         r = self.registry
-        return {**self.counters, "peers": len(r), "asks": r.asks, "evicted": r.stats.evicted,
-                "expired": r.stats.expired}
+        c = self.counters
+        return {**c, "stale": c["stale_replay"] + c["stale_skew"], "peers": len(r),
+                "asks": r.asks, "evicted": r.stats.evicted, "expired": r.stats.expired,
+                "keys_cached": len(self.crypto)}

@@ -211,7 +211,7 @@ def test_replay_is_stale_and_registers_nothing(h):
     assert body.server_time > a.ts
     assert h.svc.v2.registry.endpoints(a.pub, 1.0) == (v4(1, 4000),)
     assert h.take() == []  # B is not told about the replayer's address
-    assert h.stats["v2_stale_replay"] == 1
+    assert h.stats["v2_stale_replay"] == 1 and h.stats["v2_stale"] == 1
     # the client moves on to the suggested time and is accepted
     assert h.ask(a, b, v4(1, 4000), now=2.0, ts=body.server_time).status is Status.FOUND
 
@@ -356,6 +356,17 @@ def test_bad_sources_are_dropped(h):
     for src in (v4(1, 0), bytes(6) , bytes(18)):
         assert h.send(a.request(a.pub), src) is None
     assert h.stats["v2_bad_source"] == 3
+
+
+def test_a_flood_of_forged_keys_leaves_no_state(h):
+    a = h.client()
+    h.ask(a, a, v4(1, 4000))
+    for i in range(3000):
+        forged = header(MsgType.REQUEST) + os.urandom(108)
+        assert h.send(forged, v4(2, 1 + i)) is None
+    s = h.stats
+    assert s["v2_auth_failed"] == 3000 and s["v2_keys_cached"] == 1 and s["v2_peers"] == 1
+    assert h.ask(a, a, v4(1, 4000), now=1.0).status is Status.FOUND
 
 
 @pytest.mark.fuzz
