@@ -98,6 +98,10 @@ class Status(IntEnum):
     STALE = 2
 
 
+_TYPES = {int(t): t for t in MsgType}  # type byte -> MsgType
+_HEADERS = {_PREFIX + bytes((t, 0, 0, 0)): t for t in MsgType}  # the 3 valid headers
+
+
 def looks_like_v2(data: BytesLike) -> bool:
     """Cheap hot-path test: longer than a classic request and starts ``wgp`` 2."""
     return len(data) > 64 and data[:4] == _PREFIX
@@ -127,10 +131,6 @@ def parse_header(data: BytesLike) -> MsgType:
     if data[4] not in _TYPES:
         raise WireError(f"type {data[4]} is not a known message type (1..3)")
     raise WireError(f"reserved header bytes {bytes(data[5:8]).hex()} are not zero")
-
-
-_TYPES = {int(t): t for t in MsgType}
-_HEADERS = {_PREFIX + bytes((t, 0, 0, 0)): t for t in MsgType}
 
 
 def _uint(name: str, value: object, mask: int) -> int:
