@@ -50,6 +50,7 @@ from rendezvous.v2.wire import Status as Answer
 from .machine import Keepalive
 from .policy import (
     DeviceView, PeerView, Status, Timing, apply_reason, format_endpoint, looks_dead,
+    same_endpoint,
 )
 
 __all__ = ["Apply", "Counters", "Keepalive", "PeerState", "PunchV2", "Send"]
@@ -107,11 +108,19 @@ class PeerState:
     v6_failed: Endpoint | None = None  # an IPv6 endpoint that gave no handshake
     notified: int = -1                 # server_time of the last notify accepted
     view: PeerView | None = None
+    view_at: float = 0.0               # when VIEW was read
+    seen_at: float = 0.0               # when this run first saw the peer
+    v4_applied_at: float | None = None  # when we last applied an IPv4 endpoint
     rx_changed_at: float = 0.0
 
     @property
     def resolved(self) -> bool:
         return self.status in (Status.APPLIED, Status.KEPT)
+
+    def handshake_after(self, t: float) -> bool:
+        """Did the latest handshake WireGuard reports happen after time T?"""
+        age = self.view.handshake_age if self.view else None
+        return age is not None and self.view_at - age > t
 
     @property
     def due(self) -> float:
@@ -188,10 +197,11 @@ class PunchV2:
             st = self.peers.get(view.key)
             if st is None:
                 st = self.peers[view.key] = PeerState(
-                    view.key, asks={f: _Ask(due=now) for f in self.families}, rx_changed_at=now)
+                    view.key, asks={f: _Ask(due=now) for f in self.families}, rx_changed_at=now,
+                    seen_at=now)
             elif st.view is None or view.rx_bytes != st.view.rx_bytes:
                 st.rx_changed_at = now
-            st.view = view
+            st.view, st.view_at = view, now
             if self.daemon and st.resolved and self._looks_dead(st, now):
                 for ask in st.asks.values():
                     ask.due = min(ask.due, now)  # a dead-looking peer is polled fast
@@ -304,10 +314,13 @@ class PunchV2:
         if self.my_key is None:
             return out
         room = self.timing.max_inflight - len(self._inflight)
-        due = sorted(((ask.due, st.key, fam) for st in self.peers.values()
+        # IPv6 first: when the server notifies the peer as soon as our first request
+        # arrives, that notify then already carries our IPv6 endpoint, and the peer
+        # does not start on IPv4 only to switch to IPv6 a moment later.
+        due = sorted(((ask.due, st.key, -fam) for st in self.peers.values()
                       for fam, ask in st.asks.items()
                       if ask.inflight is None and ask.due <= now))
-        for _, key, fam in due[:max(room, 0)]:
+        for _, key, fam in ((d, k, -f) for d, k, f in due[:max(room, 0)]):
             out.append(self._request(self.peers[key], fam, now, wall_ns))
         return out
 
@@ -330,8 +343,16 @@ class PunchV2:
         return not self.pending()
 
     def without_handshake(self, now: float) -> list[PeerState]:
-        """Peers with no handshake at all, or none since we applied their endpoint."""
-        return [st for st in self.peers.values() if not self._handshake_since_applied(st, now)]
+        """Peers with no handshake at all, or none during this run (for an IPv6
+        endpoint on probation: none strictly after it was applied)."""
+        out = []
+        for st in self.peers.values():
+            if st.fallback_at is not None:
+                if not self._v6_proven(st):
+                    out.append(st)
+            elif not self._handshake_this_run(st):
+                out.append(st)
+        return out
 
     def inflight(self) -> int:
         return len(self._inflight)
@@ -431,6 +452,8 @@ class PunchV2:
         self._settled(st, Status.APPLIED)
         st.applied, st.applied_at = endpoint, now
         st.fallback_at = now + self.timing.v6_fallback if endpoint.family == 6 else None
+        if endpoint.family == 4:
+            st.v4_applied_at = now
         st.rx_changed_at = now  # give the new endpoint a full keepalive period
         # What WireGuard has now, until the next read of the device: a second answer
         # with the same endpoint (the reply after the notify) is then not applied again.
@@ -441,9 +464,9 @@ class PunchV2:
 
     def _fallback(self, st: PeerState, now: float) -> Apply | None:
         applied, v4 = st.applied, st.endpoints.get(4)
-        if applied is None or applied.family != 6 or v4 is None:
+        if applied is None or applied.family != 6 or v4 is None or st.applied_at is None:
             return None
-        if self._handshake_since_applied(st, now):
+        if self._v6_proven(st):
             return None
         st.v6_failed = applied
         st.answer = v4
@@ -452,12 +475,30 @@ class PunchV2:
                                    f"{self.timing.v6_fallback:g}s", now)
 
     @staticmethod
-    def _handshake_since_applied(st: PeerState, now: float) -> bool:
-        """A handshake at all, and (when we applied an endpoint) one after that: a
-        handshake older than our change was made at the old endpoint."""
+    def _v6_proven(st: PeerState) -> bool:
+        """Has the IPv6 endpoint we applied given a handshake? WireGuard must still use
+        it, and the handshake must be newer than the endpoint, except when we never
+        set an IPv4 endpoint this run: then a handshake the peer started (over IPv6,
+        to us) just before we applied counts too. A handshake just after we applied
+        IPv4 and just before IPv6 was made over IPv4, and does not count."""
+        view, applied = st.view, st.applied
+        if view is None or applied is None or st.applied_at is None:
+            return False
+        if not same_endpoint(view.endpoint, applied):
+            return False
+        if st.handshake_after(st.applied_at):
+            return True
+        return st.v4_applied_at is None and st.handshake_after(st.seen_at - 1.0)
+
+    @staticmethod
+    def _handshake_this_run(st: PeerState) -> bool:
+        """A handshake at all, and (when we applied an endpoint) one made since this
+        run first saw the peer: an older one may have been made at an old endpoint. A
+        handshake during the run, at any endpoint we set, shows WireGuard reached the
+        peer (and it follows the peer to wherever its packets come from)."""
         age = st.view.handshake_age if st.view else None
         if age is None:
             return False
-        if st.status is Status.APPLIED and st.applied_at is not None:
-            return age <= now - st.applied_at + 1.0
+        if st.status is Status.APPLIED:
+            return st.handshake_after(st.seen_at - 1.0)
         return True

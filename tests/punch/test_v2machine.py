@@ -210,14 +210,16 @@ def test_stale_again_and_again_backs_off():
     assert [b - a for a, b in zip(asked, asked[1:])] == [0.0, 0.0, 0.0, 1.0, 2.0]
 
 
-def test_a_reordered_request_gets_stale_and_only_that_family_is_retried():
-    """The IPv6 request (sent second) got there first: the IPv4 one is stale."""
+def test_ipv6_goes_first_and_a_reordered_request_gets_stale_and_is_retried():
+    """Requests go out IPv6 first; here the IPv4 one (sent second) got there first, so
+    the IPv6 one is stale, and only it is asked again, with a newer timestamp."""
     m = machine(families=(4, 6))
-    s4, s6 = sorted(sends(m.poll(0.0, WALL)), key=lambda s: s.family)
-    assert m.on_reply(0.01, pending(s6), 6) == []
-    m.on_reply(0.02, stale(s4, s6.body.timestamp + 1), 4)
+    s6, s4 = sends(m.poll(0.0, WALL))
+    assert (s6.family, s4.family) == (6, 4) and s6.body.timestamp < s4.body.timestamp
+    assert m.on_reply(0.01, pending(s4), 4) == []
+    m.on_reply(0.02, stale(s6, s4.body.timestamp + 1), 6)
     again = only_send(m.poll(0.02, WALL))
-    assert again.family == 4 and again.body.timestamp > s6.body.timestamp
+    assert again.family == 6 and again.body.timestamp > s4.body.timestamp
 
 
 # -- notify -------------------------------------------------------------------------------
@@ -406,3 +408,56 @@ def test_the_same_answer_twice_before_the_device_is_read_again_is_applied_once()
     [a] = m.on_notify(0.1, NotifyBody(WALL, P1, (A4,)), 4)
     assert m.on_reply(0.11, found(s, A4), 4) == []
     assert m.counters.applied == 1 and m.peers[P1].status is Status.APPLIED
+
+
+def test_a_handshake_just_before_the_switch_to_ipv6_does_not_count_for_it():
+    """A notify with the peer's IPv4 endpoint, then one with its IPv6 endpoint a moment
+    later (the peer registered IPv4 first): a handshake that completed in between was
+    made over IPv4, so the IPv6 endpoint still has to prove itself."""
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.01, pending(s6), 6)  # we have IPv6
+    [a] = m.on_notify(0.100, NotifyBody(WALL + 1, P1, (A4,)), 4)
+    [b] = m.on_notify(0.102, NotifyBody(WALL + 2, P1, (A6, A4)), 4)
+    assert (a.endpoint, b.endpoint) == (A4, A6)
+    # read at 1.0: the handshake was 0.899 s ago, i.e. at 0.101, before the switch
+    m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.899, keepalive=25)))
+    assert [p.key for p in m.without_handshake(1.0)] == [P1]  # --wait keeps waiting
+    [c] = [x for x in m.poll(4.102, WALL) if isinstance(x, Apply)]
+    assert c.endpoint == A4 and m.counters.fallbacks == 1
+
+
+def test_after_a_fallback_a_handshake_made_during_the_run_counts():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.01, pending(s6), 6)
+    m.on_notify(0.100, NotifyBody(WALL + 1, P1, (A4,)), 4)
+    m.on_notify(0.102, NotifyBody(WALL + 2, P1, (A6, A4)), 4)
+    m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.899, keepalive=25)))
+    [c] = [x for x in m.poll(4.102, WALL) if isinstance(x, Apply)]
+    assert c.endpoint == A4
+    # the session made over IPv4 at 0.101 is the one WireGuard uses now
+    m.update_device(4.5, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=4.399, keepalive=25)))
+    assert m.without_handshake(4.5) == []
+
+
+def test_a_handshake_the_peer_made_over_ipv6_just_before_we_applied_counts():
+    """The peer was notified first and its WireGuard reached us over IPv6 before our
+    own answer came: that handshake proves the IPv6 endpoint."""
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    [a] = m.on_reply(0.10, found(s6, A6, A4), 6)
+    assert a.endpoint == A6
+    m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.905, keepalive=25)))
+    assert m.without_handshake(1.0) == []
+    assert [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)] == []
+
+
+def test_an_ipv6_endpoint_wireguard_roamed_away_from_is_not_proven():
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.10, found(s6, A6, A4), 6)
+    # a handshake after we applied IPv6, but WireGuard now uses the IPv4 address
+    m.update_device(1.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=0.5, keepalive=25)))
+    [c] = [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)]
+    assert c.endpoint == A4
