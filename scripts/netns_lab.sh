@@ -31,6 +31,7 @@ LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
 HOSTS="inet server nat-a nat-b alice bob"
 NAT_MODES="cone fullcone symmetric fw6"
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
+RDV_NAME=rendezvous.lab                           # the server's name in alice's and bob's /etc/hosts
 
 usage() {
   cat <<EOF
@@ -365,11 +366,15 @@ table ip6 wgpunch_lab6 {
 EOF
 }
 
-make_holder() {  # a long-lived process owning HOST's private /run/wireguard
+# A long-lived process owning HOST's private /run/wireguard, and its /etc/hosts (the
+# lab's $S/hosts: the server's name $RDV_NAME, with both addresses when the lab has IPv6).
+make_holder() {
   local h=$1
   mkdir -p /run/wireguard   # the mount point (wireguard-tools makes it anyway)
   setsid ip netns exec "$(ns_of "$h")" unshare -m --propagation private \
-    sh -c 'mount -t tmpfs -o mode=0700,size=1m wgpunch-lab /run/wireguard && exec sleep infinity' \
+    sh -c 'mount --bind "$1" /etc/hosts &&
+           mount -t tmpfs -o mode=0700,size=1m wgpunch-lab /run/wireguard && exec sleep infinity' \
+    holder "$S/hosts" \
     </dev/null >/dev/null 2>&1 &
   record_pid "holder-$h" $!
   local i
@@ -492,6 +497,8 @@ WG_IMPL=$WG_IMPL
 IPV6=$IPV6
 V2=$v2
 EOF
+  { echo "127.0.0.1 localhost"; echo "$SRV_ADDR $RDV_NAME"
+    [ "$IPV6" = 0 ] || echo "$SRV_ADDR6 $RDV_NAME"; } >"$S/hosts"
   make_holder alice; make_holder bob
   make_wg alice "$ALICE_TUN" bob "$BOB_TUN"
   make_wg bob "$BOB_TUN" alice "$ALICE_TUN"
@@ -611,11 +618,15 @@ SERVER_PUBKEY=$(cat "$S/server.pub")
 EOF
 }
 
-# rdv_for HOST: the rendezvous server address:port HOST's wg-punch is given (IPv6 behind fw6)
+# rdv_for HOST: the server as HOST's wg-punch is given it: its IPv6 address behind fw6;
+# in a v2 lab with IPv6, its name (both addresses: wg-punch asks over both families);
+# else its IPv4 address.
 rdv_for() {
   local mode=$NAT_A
   [ "$1" = bob ] && mode=$NAT_B
-  if [ "$mode" = fw6 ]; then echo "[$SRV_ADDR6]:$RDV_PORT"; else echo "$SRV_ADDR:$RDV_PORT"; fi
+  if [ "$mode" = fw6 ]; then echo "[$SRV_ADDR6]:$RDV_PORT"
+  elif [ "$V2" = 1 ] && [ "$IPV6" = 1 ]; then echo "$RDV_NAME:$RDV_PORT"
+  else echo "$SRV_ADDR:$RDV_PORT"; fi
 }
 
 cmd_status() {

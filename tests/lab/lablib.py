@@ -123,7 +123,13 @@ class Lab:
 
     @property
     def rdv(self) -> str:
+        """The server's IPv4 address:port."""
         return f"{self.info['SERVER']}:{self.info['RDV_PORT']}"
+
+    @property
+    def rdv6(self) -> str:
+        """The server's IPv6 [address]:port (labs with IPv6)."""
+        return f"[{self.info['SRV_ADDR6']}]:{self.info['RDV_PORT']}"
 
     def run(self, host: str, argv: Sequence[str], check: bool = True,
             timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -134,7 +140,12 @@ class Lab:
         return r
 
     def popen(self, host: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(["bash", str(SCRIPT), "exec", host, *argv],
+        return self.script_popen("exec", host, *argv)
+
+    def script_popen(self, *args: str) -> subprocess.Popen[bytes]:
+        """``netns_lab.sh ARGS`` for a command that replaces itself with the program
+        (exec, server, punch): the Popen PID is the program, stopped by ``down()``."""
+        p = subprocess.Popen(["bash", str(SCRIPT), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=script_env(self.prefix, **self.extra_env))
         self.procs.append(p)
@@ -182,12 +193,19 @@ class Lab:
     # -- the programs under test --------------------------------------------------------
 
     def start_server(self, *extra: str) -> subprocess.Popen[bytes]:
-        p = self.python("server", ["-m", "rendezvous", "--listen", self.server,
-                                   "--port", self.info["RDV_PORT"], "-v", *extra])
+        """wg-rendezvous as the lab runs it (`netns_lab.sh server`: in a v2 lab with the
+        lab's key and --require-auth), plus EXTRA."""
+        p = self.script_popen("server", *extra)
         self.wait_listening("server", int(self.info["RDV_PORT"]), p)
         return p
 
     def punch(self, host: str, *extra: str) -> subprocess.Popen[bytes]:
+        """wg-punch as the lab runs it (`netns_lab.sh punch`: in a v2 lab with
+        --server-key), verbose, plus EXTRA."""
+        return self.script_popen("punch", host, "-v", *extra)
+
+    def punch_classic(self, host: str, *extra: str) -> subprocess.Popen[bytes]:
+        """The classic wg-punch (no --server-key) against the server's IPv4 address."""
         return self.python(host, ["-m", "punch", self.rdv, "wg0", "-v", *extra])
 
     # -- WireGuard, NAT and tunnel views ------------------------------------------------
