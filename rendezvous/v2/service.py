@@ -81,7 +81,7 @@ class V2Service:
             observed = Endpoint.from_source(source)
         except WireError:
             observed = None
-        if observed is None or observed.port == 0 or not source[:-2].strip(b"\0"):
+        if observed is None or not observed.usable:
             c["bad_source"] += 1
             return None
         try:
