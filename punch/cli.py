@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("-6/--ipv6-only needs --server-key (the classic protocol is IPv4 only)")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # -v is about wg-punch's traffic
     from .client import Options, run
 
     timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)

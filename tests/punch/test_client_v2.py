@@ -266,3 +266,31 @@ def test_no_route_to_any_server_address_is_one_line(ns):
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1] == \
         f"wg-punch: no route to the server [2001:db8::1]:{PORT}"
+
+
+def test_daemon_finds_a_peer_that_starts_later_and_stops_cleanly(ns, tmp_path):
+    """Alice's daemon asks first (pending); Bob's one-shot run completes the pair, the
+    server notifies Alice's daemon at once, and a SIGTERM ends it with status 0."""
+    import signal
+
+    pair = Pair(ns)
+    key, pub = server_keys(ns, tmp_path)
+    start_server(ns, key, "127.0.0.1")
+    server = f"127.0.0.1:{PORT}"
+    d = ns.popen([sys.executable, "-m", "punch", "--daemon", "--interval", "2",
+                  "--server-key", pub, server, pair.ifs[0]])
+    time.sleep(1.0)
+    b = punch(ns, "--wait", "--timeout", "15", "--server-key", pub, server, pair.ifs[1])
+    assert b.returncode == 0, b.stderr
+    deadline = time.monotonic() + 10
+    while pair.dump(0)[0][2] != "127.0.0.1:51821":
+        assert time.monotonic() < deadline, pair.dump(0)
+        time.sleep(0.1)
+    time.sleep(2.5)  # at least one re-ask of the daemon (every interval / 2)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(10) == 0
+    assert d.stderr is not None
+    log = d.stderr.read().decode()
+    c = counters(log)
+    assert "(v2) (daemon)" in log and int(c["notifies"]) >= 1 and c["applied"] == "1", log
+    assert int(c["requests"]) >= 3 and c["lost"] == "0" and c["auth_failed"] == "0", log
