@@ -299,7 +299,8 @@ class PunchV2:
 
     def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive]:
         """Expire lost requests, settle answers that waited for IPv6, fall back from
-        silent IPv6 endpoints, and start the requests that are due. WALL_NS is the wall clock (ns since the epoch)."""
+        silent IPv6 endpoints, and start the requests that are due. WALL_NS is the
+        wall clock (ns since the epoch), for the request timestamps."""
         out: list[Send | Apply | Keepalive] = []
         for rid in [r for r, f in self._inflight.items() if now >= f.deadline]:
             self._expire(rid, now)
