@@ -56,10 +56,12 @@ UDP $RDV_PORT; wg-punch on each side finds the other's public address:port there
 
 Usage: netns_lab.sh COMMAND [ARGS]
 
-  demo [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2] [--install]
+  demo [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2] [--stagger S] [--install]
         Build a lab, start wg-rendezvous on the server and wg-punch on Alice and Bob,
-        ping through the tunnel both ways, print the time from the second client's start
-        to the first handshake, and tear everything down. Start here.
+        ping through the tunnel both ways, print the time from the second client's (Bob's)
+        start to the first handshake and where it went, and tear everything down. Both
+        clients start at once, or with --stagger S, Bob S seconds after Alice's first
+        request is on the wire (Alice is already waiting, as in real life). Start here.
   check [--install]
         Say which tools are missing and the Debian packages that provide them;
         with --install, scripts/install-deps.sh --lab installs them (apt-get, pip).
@@ -734,17 +736,28 @@ cmd_punch() {
 # --- the demo ---------------------------------------------------------------------------------------
 now_us() { echo "${EPOCHREALTIME/./}"; }
 
+# log_ms LOG ERE: ms since t0 (microseconds, $3) of LOG's first line matching ERE; -1 if none.
+# wg-punch -v lines start with "YYYY-MM-DD HH:MM:SS,mmm" (local time).
+log_ms() {
+  local line
+  line=$(grep -m1 -E "$2" "$1" 2>/dev/null) || { echo -1; return; }
+  local secs; secs=$(date -d "${line:0:19}" +%s 2>/dev/null) || { echo -1; return; }
+  echo $(( secs * 1000 + 10#${line:20:3} - $3 / 1000 ))
+}
+
 handshake_time() {  # prints the newest handshake time on HOST's wg0 (0 = none)
   on "$1" wg show wg0 latest-handshakes 2>/dev/null | awk '{ if ($2 > m) m = $2 } END { print m + 0 }'
 }
 
 cmd_demo() {
-  local up_args=() install=0
+  local up_args=() install=0 stagger=
   while [ $# -gt 0 ]; do
     case $1 in
       --nat-a|--nat-b) up_args+=("$1" "${2:-}"); shift 2 ;;
       --ipv6|--v2) up_args+=("$1"); shift ;;
       --install) install=1; shift ;;
+      --stagger) stagger=${2:-}; shift 2
+        [[ $stagger =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "demo: --stagger wants seconds, not '$stagger'" ;;
       *) die "demo: unknown argument '$1' (see --help)" ;;
     esac
   done
@@ -774,15 +787,22 @@ cmd_demo() {
   punch_argv alice
   spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v
   local pa=$SPAWNED
+  if [ -n "$stagger" ]; then   # Alice first: Bob once her first request is out, + S seconds
+    for i in $(seq 500); do
+      grep -q ' DEBUG asking for ' "$S/logs/punch-alice.log" 2>/dev/null && break
+      running "$pa" || break
+      sleep 0.02
+    done
+    sleep "$stagger"
+  fi
   punch_argv bob
   local t0; t0=$(now_us)
   spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v
   local pb=$SPAWNED
   say "wg-punch started on alice and bob; waiting up to ${limit}s for a handshake"
   local t1=0 deadline=$(( t0 + limit * 1000000 ))
-  while [ "$(now_us)" -lt $deadline ]; do
+  while [ "$(now_us)" -lt $deadline ]; do   # no sleep: one round of checks takes ~20 ms
     if [ "$(handshake_time alice)" != 0 ] || [ "$(handshake_time bob)" != 0 ]; then t1=$(now_us); break; fi
-    sleep 0.02
   done
   local ra=0 rb=0
   wait $pa || ra=$?; wait $pb || rb=$?
@@ -805,8 +825,15 @@ cmd_demo() {
     fi
     printf 'time from the second client start to the first handshake: %d.%03d s\n' $((ttt / 1000)) $((ttt % 1000))
   fi
+  # Where the time went, from the clients' logs (ms after Bob's client was started).
+  local b_ask b_set a_set
+  b_ask=$(log_ms "$S/logs/punch-bob.log" ' DEBUG asking for ' "$t0")
+  b_set=$(log_ms "$S/logs/punch-bob.log" ' INFO peer .*: endpoint ' "$t0")
+  a_set=$(log_ms "$S/logs/punch-alice.log" ' INFO peer .*: endpoint ' "$t0")
+  echo "timeline (ms after Bob's wg-punch was started): first request $b_ask," \
+       "Bob's endpoint set $b_set, Alice's endpoint set $a_set, first handshake seen $ttt"
   echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb" \
-       "proto=$(proto_name "$V2") ipv6=$IPV6"
+       "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set"
   [ $ok = 1 ]
 }
 

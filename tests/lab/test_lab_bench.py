@@ -20,6 +20,14 @@ def test_parse_result_reads_the_demo_summary_line() -> None:
     assert bench.parse_result(out) == bench.Run(ok=True, ttt_ms=812, wg="userspace")
 
 
+def test_parse_result_reads_protocol_and_phases() -> None:
+    out = ("RESULT nat_a=cone nat_b=cone wg=userspace ok=1 ttt_ms=280 punch_alice=0 punch_bob=0 "
+           "proto=v2 ipv6=0 bob_ask_ms=150 bob_set_ms=260 alice_set_ms=-1\n")
+    assert bench.parse_result(out) == bench.Run(
+        ok=True, ttt_ms=280, wg="userspace", proto="v2",
+        phases=(("bob_ask", 150), ("bob_set", 260)))  # -1: not in the log
+
+
 def test_parse_result_of_a_failed_run_has_no_time() -> None:
     out = "RESULT nat_a=symmetric nat_b=cone wg=kernel ok=0 ttt_ms=-1 punch_alice=0 punch_bob=0"
     assert bench.parse_result(out) == bench.Run(ok=False, ttt_ms=None, wg="kernel")
@@ -38,8 +46,14 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_table_counts_tunnels_and_summarises_times() -> None:
-    ok = bench.Row("cone/cone", [bench.Run(True, t, "userspace") for t in (1000, 3000, 2000)])
+    ok = bench.Row("cone/cone", [bench.Run(True, t, "userspace", phases=(("bob_ask", t // 10),))
+                                 for t in (1000, 3000, 2000)])
     bad = bench.Row("symmetric/cone", [bench.Run(False, None, "userspace")], errors=1)
-    lines = bench.table([ok, bad]).splitlines()
-    assert lines[2].split() == ["cone/cone", "3/3", "2.000", "3.000", "1.000", "3.000", "userspace"]
-    assert lines[3].split() == ["symmetric/cone", "0/2", "-", "-", "-", "-", "userspace"]
+    v2 = bench.Row("cone/cone", [bench.Run(True, 250, "userspace", "v2")], proto="v2")
+    lines = bench.table([ok, bad, v2]).splitlines()
+    assert lines[2].split() == ["cone/cone", "classic", "3/3", "2.000", "3.000", "1.000", "3.000",
+                                "0.200", "-", "-", "userspace"]
+    assert lines[3].split() == ["symmetric/cone", "classic", "0/2", "-", "-", "-", "-",
+                                "-", "-", "-", "userspace"]
+    assert lines[4].split() == ["cone/cone", "v2", "1/1", "0.250", "0.250", "0.250", "0.250",
+                                "-", "-", "-", "userspace"]
