@@ -294,3 +294,28 @@ def test_daemon_finds_a_peer_that_starts_later_and_stops_cleanly(ns, tmp_path):
     c = counters(log)
     assert "(v2) (daemon)" in log and int(c["notifies"]) >= 1 and c["applied"] == "1", log
     assert int(c["requests"]) >= 3 and c["lost"] == "0" and c["auth_failed"] == "0", log
+
+
+def test_a_server_address_without_a_route_is_counted_and_skipped(ns, tmp_path):
+    """The name also has an IPv6 address this host cannot reach: IPv4 alone is used."""
+    pair = Pair(ns)
+    key, pub = server_keys(ns, tmp_path)
+    start_server(ns, key, "127.0.0.1")
+    with hosts_file(ns, "127.0.0.1 rdv.test\n2001:db8::1 rdv.test\n"):
+        a_err, b_err = both_punch(ns, ns, "rdv.test", "rdv.test", pair.ifs, pub)
+    for log in (a_err, b_err):
+        c = counters(log)
+        assert c["families"] == "4" and c["failed_channels"] == "1", log
+        assert "IPv6: not using the server at 2001:db8::1: no route to 2001:db8::1" in log
+    assert pair.dump(0)[0][2] == "127.0.0.1:51821"
+
+
+def test_interface_without_a_private_key_exits_4(ns):
+    ifn = unique_ifname("wpk")
+    ns.start_wireguard_go(ifn)
+    ns.run(["wg", "set", ifn, "listen-port", "51840", "peer", keypair(ns)[1],
+            "allowed-ips", "10.79.0.2/32"])
+    r = punch(ns, "--server-key", keypair(ns)[1], f"127.0.0.1:{PORT}", ifn)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"wg-punch: {ifn} has no private key (wg set {ifn} private-key FILE)"
