@@ -265,10 +265,11 @@ class PunchV2:
         st.endpoints, st.peer_nat = endpoints, body.peer_nat
         ask6 = st.asks.get(6)
         if (family == 4 and 6 in endpoints and 6 not in self.observed and ask6 is not None
-                and ask6.inflight is not None):
+                and ask6.inflight is not None and ask6.lost == 0):
             # Our IPv6 request is still out: if it comes back, we have IPv6 and the
             # peer's IPv6 endpoint is the one to use. Wait for it a little rather than
-            # apply IPv4 now and switch a moment later.
+            # apply IPv4 now and switch a moment later. (Not once an IPv6 request was
+            # lost: IPv6 to the server may not work at all.)
             st.hold_until = min(self._inflight[ask6.inflight].deadline, now + t.v6_grace)
             actions = []
         else:

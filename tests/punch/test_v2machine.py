@@ -461,3 +461,14 @@ def test_an_ipv6_endpoint_wireguard_roamed_away_from_is_not_proven():
     m.update_device(1.0, dev(PeerView(P1, (A4.ip, A4.port), handshake_age=0.5, keepalive=25)))
     [c] = [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)]
     assert c.endpoint == A4
+
+
+def test_no_wait_for_ipv6_once_an_ipv6_request_was_lost():
+    m = machine(families=(4, 6))
+    s6, s4 = sends(m.poll(0.0, WALL))
+    m.on_reply(0.05, pending(s4), 4)
+    s4b = only_send(m.poll(0.30, WALL))
+    s6b = only_send(m.poll(1.0, WALL))  # the IPv6 request was lost: asked again at once
+    assert (s4b.family, s6b.family) == (4, 6) and m.counters.lost == 1
+    [a] = m.on_reply(1.05, found(s4b, A6, A4), 4)  # no wait for IPv6 this time
+    assert a.endpoint == A4
