@@ -234,6 +234,7 @@ class Client:
         self.channels = [RawChannel(self.servers[4], device.listen_port)]
 
     def summary(self) -> str:
+        assert isinstance(self.machine, Punch)
         c = self.machine.counters
         ignored = sum(ch.ignored for ch in self.channels)
         return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
@@ -449,8 +450,8 @@ class ClientV2(Client):
                                families=[c.family for c in self.channels])
 
     def summary(self) -> str:
-        c = self.machine.counters
         assert not isinstance(self.machine, Punch)
+        c = self.machine.counters
         ignored = sum(ch.ignored for ch in self.channels)
         fams = ",".join(str(ch.family) for ch in self.channels)
         return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "

@@ -184,13 +184,13 @@ def test_ipv6_without_a_tunnel_falls_back_to_ipv4(two_hosts, tmp_path):
     key, pub = server_keys(a, tmp_path)
     start_server(a, key, "10.67.0.1", "fd00:67::1")
     for ns in (a, b):
-        ns.run(["nft", "-f", "-"], input=f"""
-table ip6 wgtest {{
-  chain out {{
+        ns.run(["nft", "-f", "-"], input="""
+table ip6 wgtest {
+  chain out {
     type filter hook output priority 0; policy accept;
-    udp sport {{ 51820, 51821 }} udp dport {{ 51820, 51821 }} drop
-  }}
-}}
+    udp sport { 51820, 51821 } udp dport { 51820, 51821 } drop
+  }
+}
 """)
     with hosts_file(a, "10.67.0.1 rdv.test\nfd00:67::1 rdv.test\n"), \
             hosts_file(b, "10.67.0.1 rdv.test\nfd00:67::1 rdv.test\n"):
