@@ -129,7 +129,7 @@ Environment:
   LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
 
 Timing many runs: scripts/lab_bench.py -n 10 (a table of time-to-tunnel per NAT pair;
---v2 for v2, --compare for classic and v2 side by side in one run).
+--v2 for v2, --compare for classic and v2 side by side in one run, --stagger S as above).
 
 Examples:
   sudo scripts/netns_lab.sh demo
@@ -242,9 +242,9 @@ cmd_check() {
   local py_system=0
   [ "$(command -v "$PYTHON" 2>/dev/null)" = /usr/bin/python3 ] && py_system=1
   if ! command -v "$PYTHON" >/dev/null; then
-    pkgs+=(python3 python3-pyroute2 python3-cffi)
-  elif ! "$PYTHON" -c "import pyroute2, cffi" 2>/dev/null; then   # one start when all is well
-    for t in pyroute2 cffi; do
+    pkgs+=(python3 python3-pyroute2 python3-cffi python3-cryptography)
+  elif ! "$PYTHON" -c "import pyroute2, cffi, cryptography" 2>/dev/null; then   # one start when all is well
+    for t in pyroute2 cffi cryptography; do
       if ! "$PYTHON" -c "import $t" 2>/dev/null; then
         if [ $py_system = 1 ]; then pkgs+=("python3-$t"); else pips+=("$t"); fi
       fi

@@ -268,6 +268,15 @@ def test_exec_rejects_unknown_hosts(make_lab) -> None:
     assert r.returncode != 0 and "unknown host 'mallory'" in r.stderr
 
 
+def test_punch_and_demo_refuse_bad_arguments() -> None:
+    env = script_env(new_prefix())
+    for args, want in ((["punch", "mallory"], "alice or bob, not 'mallory'"),
+                       (["demo", "--stagger", "soon"], "--stagger wants seconds, not 'soon'")):
+        r = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert r.returncode != 0 and want in r.stderr, r.stderr
+
+
 def test_up_refuses_a_bad_nat_mode_and_leaves_nothing() -> None:
     prefix = new_prefix()
     r = subprocess.run(["bash", str(SCRIPT), "up", "--nat-a", "carrier-grade"], capture_output=True,
