@@ -50,6 +50,17 @@ def test_one_shot_clients_build_a_direct_tunnel(make_lab, nat_a: str, nat_b: str
     _assert_tunnel(lab)
 
 
+def test_classic_in_a_dual_stack_lab_still_punches_over_ipv4(make_lab) -> None:
+    lab = make_lab(ipv6=True)
+    lab.start_server()
+    (ra, ea), (rb, eb) = _both_one_shot(lab)
+    assert ra == 0, ea
+    assert rb == 0, eb
+    assert lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
+    assert lab.endpoint("bob") == f"{lab.info['PUB_A']}:51820"
+    _assert_tunnel(lab)
+
+
 @pytest.mark.parametrize("nat", ["a", "b"])
 @pytest.mark.parametrize("what", ["request", "reply"])
 def test_one_lost_rendezvous_packet_does_not_stop_the_tunnel(make_lab, nat: str, what: str) -> None:

@@ -152,6 +152,30 @@ def test_coordinated_punch_the_notify_sets_the_waiting_peer(make_lab) -> None:
     lab.procs.remove(alice)
 
 
+def test_v2_daemon_is_told_at_once_when_its_peer_rebinds(make_lab) -> None:
+    """NAT A moves Alice to a new public port; Alice's next request registers it and the
+    server notifies Bob, whose own next ask is 30 s away (--interval 60)."""
+    lab = make_lab(v2=True)
+    lab.start_server()
+    alice_key = lab.info["ALICE_PUBKEY"][:8]
+    a = lab.punch("alice", "--daemon", "--interval", "6")
+    b = lab.punch("bob", "--daemon", "--interval", "60")
+    log = _LogReader(b)
+    _assert_tunnel(lab)
+    log.wait_for(rf"peer {re.escape(alice_key)}\S*: endpoint ", 10)
+    mark = len(log.text)
+
+    new = lab.script("rebind", "a").stdout.strip()
+    line = log.wait_for(rf"peer {re.escape(alice_key)}\S*: endpoint {re.escape(new)} ", 20)
+    between = log.text[mark: log.text.index(line)]
+    assert re.search(rf"notify over IPv4: peer {re.escape(alice_key)}", between), log.text
+    assert "asking for" not in between, log.text  # Bob did not ask: the server told him
+    assert lab.endpoint("bob") == new
+    assert lab.ping_until("bob", lab.info["ALICE_TUN"], 30), "tunnel not back"
+    for p in (a, b):
+        assert p.poll() is None, "a daemon exited"
+
+
 class _LogReader:
     """Read a process's stderr as it comes, without blocking past a deadline."""
 
