@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pair.count("/") != 1 or not set(pair.split("/")) <= set(MODES):
             p.error(f"bad pair {pair!r}: want A/B with A, B in {list(MODES)}")
     protos = list(PROTOCOLS) if args.compare else ["v2" if args.v2 else "classic"]
-    rows = []
+    rows: list[Row] = []
     index = 0
     for pair in pairs:
         by_proto = {proto: Row(pair, proto=proto) for proto in protos}

@@ -175,7 +175,7 @@ class Lab:
         line = raw.decode(errors="replace").strip()
         if line != want:
             _, err = self.stop(p)
-            raise LabError(f"expected {want!r} from {p.args}, got {line!r}: {err}")
+            raise LabError(f"expected {want!r} from {p.args!r}, got {line!r}: {err}")
 
     def wait_listening(self, host: str, port: int, p: subprocess.Popen[bytes],
                        timeout: float = 30) -> None:

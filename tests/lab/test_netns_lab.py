@@ -192,8 +192,8 @@ def test_fw6_is_an_ipv6_only_access_network(make_lab) -> None:
 
 
 @pytest.mark.parametrize("modes", [("fw6", "fw6"), ("cone", "cone")], ids=["fw6", "cone-ipv6"])
-def test_ipv6_firewall_drops_unsolicited_inbound_and_lets_replies_in(make_lab,
-                                                                     modes: tuple[str, str]) -> None:
+def test_ipv6_firewall_drops_unsolicited_inbound_and_lets_replies_in(
+        make_lab, modes: tuple[str, str]) -> None:
     lab = make_lab(*modes, ipv6=True)
     _echo(lab)
     alice, bob = lab.info["ALICE_ADDR6"], lab.info["BOB_ADDR6"]

@@ -23,8 +23,7 @@ def _both_one_shot(lab: Lab, *extra: str) -> tuple[tuple[int, str], tuple[int, s
         try:
             _, err = p.communicate(timeout=float(TIMEOUT) + 15)
         except subprocess.TimeoutExpired:
-            _, err = lab.stop(p)
-            pytest.fail(f"wg-punch hung past its own --timeout: {err}")
+            pytest.fail(f"wg-punch hung past its own --timeout: {lab.stop(p)[1]}")
         results.append((p.returncode, err.decode(errors="replace")))
     return results[0], results[1]
 
