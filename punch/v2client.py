@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from rendezvous.classic import short_key
 
-from .client import Client, Options, resolve_servers
+from .client import Client, Options, _view, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
-from .machine import Punch
-from .v2machine import PunchV2, Send
+from .machine import Apply as ClassicApply
+from .machine import Keepalive, Punch
+from .v2machine import Apply, PunchV2, Send
 
 if TYPE_CHECKING:
     from rendezvous.v2.crypto import ClientCrypto
@@ -94,6 +95,25 @@ class ClientV2(Client):
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
                 f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
+
+    def apply(self, action: ClassicApply | Apply | Keepalive) -> None:
+        if isinstance(action, Apply) and action.endpoint.family == 6:
+            self._before_ipv6(action.peer)
+        super().apply(action)
+
+    def _before_ipv6(self, peer: bytes) -> None:
+        """Tell the machine what WireGuard has for PEER right before we set an IPv6
+        endpoint (one UAPI/netlink read, only for IPv6 endpoints): a handshake the
+        peer already made over that endpoint proves it."""
+        assert self.backend is not None and not isinstance(self.machine, Punch)
+        try:
+            device = self.backend.get_device()
+        except Exception as e:  # the interface may be gone for a moment
+            log.debug("cannot read %s before setting an endpoint: %s", self.opts.interface, e)
+            return
+        for view in _view(device, time.time()).peers:
+            if view.key == peer:
+                self.machine.before_apply(time.monotonic(), view)
 
     def _send_due(self, now: float) -> None:
         machine = self.machine

@@ -110,7 +110,8 @@ class PeerState:
     view: PeerView | None = None
     view_at: float = 0.0               # when VIEW was read
     seen_at: float = 0.0               # when this run first saw the peer
-    v4_applied_at: float | None = None  # when we last applied an IPv4 endpoint
+    v6_before: bool = False            # WireGuard had made a handshake at the IPv6
+                                       # endpoint we applied, just before we did
     rx_changed_at: float = 0.0
 
     @property
@@ -359,6 +360,17 @@ class PunchV2:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    def before_apply(self, now: float, view: PeerView) -> None:
+        """WireGuard's peer as read right before the IPv6 endpoint just decided on is
+        set: if WireGuard already had that endpoint and a handshake made during this
+        run, that handshake was made over it (the peer reached us first)."""
+        st = self.peers.get(view.key)
+        if st is None or st.applied is None or st.applied.family != 6:
+            return
+        age = view.handshake_age
+        st.v6_before = (age is not None and now - age > st.seen_at - 1.0
+                        and same_endpoint(view.endpoint, st.applied))
+
     # -- internals ------------------------------------------------------------------
 
     def _request(self, st: PeerState, family: int, now: float, wall_ns: int) -> Send:
@@ -454,8 +466,7 @@ class PunchV2:
         self._settled(st, Status.APPLIED)
         st.applied, st.applied_at = endpoint, now
         st.fallback_at = now + self.timing.v6_fallback if endpoint.family == 6 else None
-        if endpoint.family == 4:
-            st.v4_applied_at = now
+        st.v6_before = False
         st.rx_changed_at = now  # give the new endpoint a full keepalive period
         # What WireGuard has now, until the next read of the device: a second answer
         # with the same endpoint (the reply after the notify) is then not applied again.
@@ -479,18 +490,16 @@ class PunchV2:
     @staticmethod
     def _v6_proven(st: PeerState) -> bool:
         """Has the IPv6 endpoint we applied given a handshake? WireGuard must still use
-        it, and the handshake must be newer than the endpoint, except when we never
-        set an IPv4 endpoint this run: then a handshake the peer started (over IPv6,
-        to us) just before we applied counts too. A handshake just after we applied
-        IPv4 and just before IPv6 was made over IPv4, and does not count."""
+        it, and the handshake must be newer than the endpoint, or be one WireGuard had
+        made at that very endpoint just before we set it (the peer, notified first,
+        reached us over IPv6). A handshake made just before we switched from IPv4 to
+        IPv6 was made over IPv4 and does not count."""
         view, applied = st.view, st.applied
         if view is None or applied is None or st.applied_at is None:
             return False
         if not same_endpoint(view.endpoint, applied):
             return False
-        if st.handshake_after(st.applied_at):
-            return True
-        return st.v4_applied_at is None and st.handshake_after(st.seen_at - 1.0)
+        return st.v6_before or st.handshake_after(st.applied_at)
 
     @staticmethod
     def _handshake_this_run(st: PeerState) -> bool:

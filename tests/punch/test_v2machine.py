@@ -443,14 +443,29 @@ def test_after_a_fallback_a_handshake_made_during_the_run_counts():
 
 def test_a_handshake_the_peer_made_over_ipv6_just_before_we_applied_counts():
     """The peer was notified first and its WireGuard reached us over IPv6 before our
-    own answer came: that handshake proves the IPv6 endpoint."""
+    own answer came: WireGuard, read just before we set the endpoint, already had it,
+    with a handshake. That proves the IPv6 endpoint."""
     m = machine(families=(4, 6))
     s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
     [a] = m.on_reply(0.10, found(s6, A6, A4), 6)
     assert a.endpoint == A6
+    m.before_apply(0.10, PeerView(P1, (A6.ip, A6.port), handshake_age=0.005))
     m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.905, keepalive=25)))
     assert m.without_handshake(1.0) == []
     assert [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)] == []
+
+
+def test_a_handshake_the_peer_made_over_ipv4_just_before_we_applied_ipv6_does_not():
+    """The same, but the peer's WireGuard came over IPv4 (WireGuard had the peer's IPv4
+    address): our IPv6 endpoint has proven nothing, and gives way after v6_fallback."""
+    m = machine(families=(4, 6))
+    s6 = next(s for s in sends(m.poll(0.0, WALL)) if s.family == 6)
+    m.on_reply(0.10, found(s6, A6, A4), 6)
+    m.before_apply(0.10, PeerView(P1, (A4.ip, A4.port), handshake_age=0.005))
+    m.update_device(1.0, dev(PeerView(P1, (A6.ip, A6.port), handshake_age=0.905, keepalive=25)))
+    assert [p.key for p in m.without_handshake(1.0)] == [P1]
+    [c] = [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)]
+    assert c.endpoint == A4
 
 
 def test_an_ipv6_endpoint_wireguard_roamed_away_from_is_not_proven():
