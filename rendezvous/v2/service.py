@@ -97,8 +97,9 @@ class V2Service:
         last = reg.last_timestamp(client, now)
         ts = body.timestamp
         skew = self._skew_ns
-        if (last is not None and ts <= last) or (skew and abs(ts - wall_ns) > skew):
-            if last is not None and ts <= last:
+        replayed = not reg.timestamp_fresh(client, ts, now)
+        if replayed or (skew and abs(ts - wall_ns) > skew):
+            if replayed:
                 c["stale_replay"] += 1
             else:
                 c["stale_skew"] += 1

@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .replay import EMPTY, Window, accepts, record
+
 __all__ = ["Ask", "ClientRecord", "Registration", "RegistryStats", "V2Registry"]
 
 Source = bytes  # 6 (IPv4) or 18 (IPv6) bytes: address || port
@@ -71,12 +73,12 @@ class Ask:
 
 
 class ClientRecord:
-    __slots__ = ("v4", "v6", "timestamp", "nat", "asks", "seen")
+    __slots__ = ("v4", "v6", "replay", "nat", "asks", "seen")
 
     def __init__(self, now: float) -> None:
         self.v4: Registration | None = None
         self.v6: Registration | None = None
-        self.timestamp = 0
+        self.replay: Window = EMPTY  # newest accepted timestamp and its reorder window
         self.nat = 0
         self.asks: dict[bytes, Ask] = {}  # least recently asked first (a plain dict is
         # ordered too, and costs half an OrderedDict: asks are small, so walking over
@@ -138,7 +140,14 @@ class V2Registry:
     def last_timestamp(self, key: bytes, now: float) -> int | None:
         """The last accepted timestamp of KEY, or None if the server has forgotten KEY."""
         rec = self._get(key, now)
-        return None if rec is None else rec.timestamp
+        return None if rec is None else rec.replay[0]
+
+    def timestamp_fresh(self, key: bytes, timestamp: int, now: float) -> bool:
+        """Is TIMESTAMP acceptable for KEY: newer than the newest accepted, or a request
+        reordered within the window that was not accepted before (rendezvous.v2.replay)?
+        An unknown (or forgotten) key accepts any timestamp."""
+        rec = self._get(key, now)
+        return rec is None or accepts(rec.replay, timestamp)
 
     def _fresh(self, reg: Registration | None, now: float) -> bool:
         return reg is not None and now - reg.refreshed < self.ttl
@@ -210,7 +219,7 @@ class V2Registry:
                now: float, local: bytes | None = None) -> bool:
         """Record an accepted request: KEY at SOURCE (its family), its timestamp and NAT
         verdict, and that it asked for PEER. Returns whether KEY's fresh endpoints changed.
-        The caller has checked the timestamp (:meth:`last_timestamp`)."""
+        The caller has checked the timestamp (:meth:`timestamp_fresh`)."""
         fam = family(source)
         clients = self._clients
         rec = self._get(key, now)
@@ -227,7 +236,7 @@ class V2Registry:
             before = self.endpoints(key, now)
             clients.move_to_end(key)
         rec.seen = now
-        rec.timestamp = timestamp
+        rec.replay = record(rec.replay, timestamp)
         rec.nat = nat
         reg = Registration(source, local, now)
         if fam == 4:

@@ -216,6 +216,22 @@ def test_replay_is_stale_and_registers_nothing(h):
     assert h.ask(a, b, v4(1, 4000), now=2.0, ts=body.server_time).status is Status.FOUND
 
 
+def test_requests_reordered_across_families_both_register(h):
+    """A client sends over IPv6 and then IPv4; the IPv4 one arrives first. Both count
+    (they are within the reorder window), and replaying either is still refused."""
+    a, b = h.client(), h.client()
+    first = a.request(b.pub)   # sent first, over IPv6
+    second = a.request(b.pub)  # sent 0 s later, over IPv4: arrives first
+    assert a.open(h.send(second, v4(1, 4000))).status is Status.PENDING
+    assert a.open(h.send(first, v6(1, 4000))).status is Status.PENDING
+    assert set(h.svc.v2.registry.endpoints(a.pub, 0.0)) == {v4(1, 4000), v6(1, 4000)}
+    assert h.stats["v2_stale_replay"] == 0
+    for data in (first, second):
+        assert a.open(h.send(data, v4(66, 6666), now=0.5)).status is Status.STALE
+    assert h.stats["v2_stale_replay"] == 2
+    assert set(h.svc.v2.registry.endpoints(a.pub, 0.5)) == {v4(1, 4000), v6(1, 4000)}
+
+
 @pytest.mark.parametrize("offset_s", [-301, 301])
 def test_timestamp_outside_the_window_is_stale(h, offset_s):
     a, b = h.client(), h.client()
