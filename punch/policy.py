@@ -47,6 +47,9 @@ class Timing:
     v6_grace: float = 0.5          # v2: an IPv4 answer waits this long for the IPv6
                                    # one in flight, while we do not know yet whether
                                    # we have IPv6 (no flip from IPv4 to IPv6)
+    family_gap: float = 0.05       # v2: the IPv4 request follows the IPv6 one by this
+                                   # much (or as soon as its answer is in), so the
+                                   # server sees them in the order of their timestamps
     max_inflight: int = 32         # v2: requests in flight at once (the server rate-
                                    # limits each source: 200/s, bursts of 400, by default)
 

@@ -91,6 +91,7 @@ class _Ask:
     misses: int = 0            # consecutive "pending" answers
     stale: int = 0             # consecutive "stale" answers
     inflight: int | None = None  # the request id in flight
+    after_v6: bool = False     # IPv4: held back behind the IPv6 request just sent
 
 
 @dataclass
@@ -238,6 +239,10 @@ class PunchV2:
         ask.lost = 0
         t = self.timing
         held: list[Action] = []
+        ask4 = st.asks.get(4)
+        if family == 6 and ask4 is not None and ask4.after_v6:
+            ask4.after_v6 = False
+            ask4.due = min(ask4.due, now)  # the IPv6 request is in: IPv4 may follow
         if family == 6 and st.hold_until is not None and body.status != Answer.FOUND:
             held = self._release(st, now)  # we have IPv6; the peer's answer is in
         if body.status == Answer.STALE:
@@ -245,8 +250,9 @@ class PunchV2:
             self._learn_time(rec, body.server_time)
             ask.stale += 1
             extra = ask.stale - _STALE_AT_ONCE
-            self._schedule(st, ask, now if extra <= 0
-                           else now + min(t.poll * 2 ** (extra - 1), t.backoff_max))
+            # Asked again even when the peer is settled: this request registered
+            # nothing, and the peer needs our address for this family.
+            ask.due = now if extra <= 0 else now + min(t.poll * 2 ** (extra - 1), t.backoff_max)
             return held
         ask.stale = 0
         if body.status == Answer.PENDING:
@@ -317,14 +323,25 @@ class PunchV2:
         if self.my_key is None:
             return out
         room = self.timing.max_inflight - len(self._inflight)
-        # IPv6 first: when the server notifies the peer as soon as our first request
-        # arrives, that notify then already carries our IPv6 endpoint, and the peer
-        # does not start on IPv4 only to switch to IPv6 a moment later.
+        # IPv6 first, IPv4 a moment later: when the server notifies the peer as soon
+        # as our first request arrives, that notify already carries our IPv6 endpoint
+        # (the peer does not start on IPv4 only to switch to IPv6), and the two
+        # requests reach the server in the order of their timestamps (sent together,
+        # a server that reads its IPv4 socket first would find the IPv6 one stale).
         due = sorted(((ask.due, st.key, -fam) for st in self.peers.values()
                       for fam, ask in st.asks.items()
                       if ask.inflight is None and ask.due <= now))
-        for _, key, fam in ((d, k, -f) for d, k, f in due[:max(room, 0)]):
-            out.append(self._request(self.peers[key], fam, now, wall_ns))
+        gap = self.timing.family_gap
+        with_v6 = {k for _, k, f in due if f == -6 and self.peers[k].asks[6].lost == 0}
+        for _, key, neg in sorted(due, key=lambda d: (d[2] == -4 and d[1] in with_v6, d)):
+            st, fam = self.peers[key], -neg
+            if room <= 0:
+                break
+            if fam == 4 and key in with_v6 and gap > 0:
+                st.asks[4].due, st.asks[4].after_v6 = now + gap, True
+                continue
+            out.append(self._request(st, fam, now, wall_ns))
+            room -= 1
         return out
 
     def next_wakeup(self) -> float:
@@ -375,6 +392,7 @@ class PunchV2:
 
     def _request(self, st: PeerState, family: int, now: float, wall_ns: int) -> Send:
         assert self.my_key is not None
+        st.asks[family].after_v6 = False
         rid = 0
         while rid == 0 or rid in self._inflight:
             rid = self._randbits(32) & 0xFFFFFFFF

@@ -23,7 +23,7 @@ B4 = Endpoint("203.0.113.9", 51820)
 ME4 = Endpoint("192.0.2.1", 51820)
 ME6 = Endpoint("2001:db8:9::1", 51820)
 T = Timing(request_timeout=1.0, poll=1.0, first_poll=0.25, backoff_max=8.0, interval=20.0,
-           keepalive=25, dead_margin=5.0, v6_fallback=4.0)
+           keepalive=25, dead_margin=5.0, v6_fallback=4.0, family_gap=0.0)
 WALL = 1_700_000_000_000_000_000  # ns
 
 
@@ -487,3 +487,44 @@ def test_no_wait_for_ipv6_once_an_ipv6_request_was_lost():
     assert (s4b.family, s6b.family) == (4, 6) and m.counters.lost == 1
     [a] = m.on_reply(1.05, found(s4b, A6, A4), 4)  # no wait for IPv6 this time
     assert a.endpoint == A4
+
+
+def test_the_ipv4_request_follows_the_ipv6_one_after_its_answer_or_the_gap():
+    t = Timing(family_gap=0.05)
+    m = PunchV2(t, families=(4, 6), randbits=random.Random(3).getrandbits)
+    m.update_device(0.0, dev(PeerView(P1), PeerView(P2)))
+    first = sends(m.poll(0.0, WALL))
+    assert [s.family for s in first] == [6, 6]  # IPv4 held back for both peers
+    assert m.next_wakeup() == pytest.approx(0.05)
+    by_peer = {s.peer: s for s in first}
+    m.on_reply(0.01, pending(by_peer[P1]), 6)  # P1's IPv6 answer: its IPv4 may go now
+    [s4] = sends(m.poll(0.01, WALL + 10))
+    assert (s4.peer, s4.family) == (P1, 4) and s4.body.timestamp > by_peer[P2].body.timestamp
+    assert m.poll(0.04, WALL) == []
+    [s4b] = sends(m.poll(0.05, WALL + 20))  # P2's IPv6 answer is late: the gap is up
+    assert (s4b.peer, s4b.family) == (P2, 4)
+
+
+def test_no_gap_once_ipv6_requests_are_lost():
+    t = Timing(family_gap=0.05)
+    m = PunchV2(t, families=(4, 6), randbits=random.Random(4).getrandbits)
+    m.update_device(0.0, dev(PeerView(P1)))
+    [s6] = sends(m.poll(0.0, WALL))
+    assert sends(m.poll(0.05, WALL))[0].family == 4
+    [again] = sends(m.poll(1.0, WALL))  # IPv6 lost: asked again; IPv4 is in flight
+    assert again.family == 6
+    m.on_reply(1.01, pending(again), 6)  # (the IPv4 request of 0.05 is lost at 1.05)
+    out = sends(m.poll(1.05, WALL))
+    assert [s.family for s in out] == [4]
+
+
+def test_a_stale_answer_is_asked_again_even_after_the_peer_is_settled():
+    """One-shot: the IPv4 answer settled the peer, but the IPv6 request was stale and
+    registered nothing: it goes out again, so the peer learns our IPv6 address."""
+    m = machine(families=(4, 6))
+    s6, s4 = sends(m.poll(0.0, WALL))
+    [a] = m.on_reply(0.01, found(s4, A4), 4)
+    assert m.done()
+    m.on_reply(0.02, stale(s6, s4.body.timestamp + 1), 6)
+    [again] = sends(m.poll(0.02, WALL))
+    assert again.family == 6 and again.body.timestamp > s4.body.timestamp
