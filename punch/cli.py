@@ -9,6 +9,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from rendezvous import logsetup, metrics
+
+from . import observe
 from .errors import PunchError
 from .machine import Timing
 
@@ -97,28 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", type=_key, action="append", metavar="KEY",
                    help="only this peer (base64 public key); repeat for several")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
+    logsetup.add_argument(p)
+    metrics.add_argument(p)
+    observe.add_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:  # wg-punch status INTERFACE: before the normal parser
+        from .status import main as status_main
+
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logsetup.configure(args.log_format, args.verbose)
     from .client import Options, run
+
+    try:
+        observers = observe.from_args(args)
+    except metrics.MetricsError as e:
+        logsetup.fail("wg-punch", str(e), args.log_format)
+        return e.exit_code
 
     timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)
     opts = Options(server=args.server, interface=args.interface, timeout=args.timeout,
                    wait=args.wait, daemon=args.daemon,
-                   peers=frozenset(args.peer) if args.peer else None, timing=timing)
+                   peers=frozenset(args.peer) if args.peer else None, timing=timing,
+                   observers=observers)
     try:
         result = run(opts)
     except PunchError as e:
-        print(f"wg-punch: {e}", file=sys.stderr)
+        logsetup.fail("wg-punch", str(e), args.log_format)
         return e.exit_code
     except KeyboardInterrupt:
         return 0
     if result.message and result.code:
-        print(f"wg-punch: {result.message}", file=sys.stderr)
+        logsetup.fail("wg-punch", result.message, args.log_format)
     elif result.code == 0 and not args.daemon:
         log.info("done: every endpoint is set")
     return result.code

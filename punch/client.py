@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rendezvous.classic import DEFAULT_PORT, short_key
+from rendezvous.logsetup import peer_fields
 
 from .errors import BadInterface, NotPermitted, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
+    from .observe import Observer
     from .rawsock import RawChannel
     from .wg import Backend, Device
 
@@ -47,6 +49,7 @@ class Options:
     peers: frozenset[bytes] | None = None
     timing: Timing = field(default_factory=Timing)
     device_refresh: float = 1.0
+    observers: tuple[Observer, ...] = ()  # see punch.observe: state file, metrics
 
 
 @dataclass
@@ -195,8 +198,11 @@ class Client:
         assert self.backend is not None and self.channel is not None
         if isinstance(action, Keepalive):
             self.backend.set_peer(action.peer, keepalive=action.keepalive)
+            current = self.device.peer(action.peer) if self.device is not None else None
             log.info("peer %s: endpoint kept, keepalive %ds", short_key(action.peer),
-                     action.keepalive)
+                     action.keepalive, extra=peer_fields(
+                         action.peer, current.endpoint if current else None,
+                         keepalive=action.keepalive))
             return
         ep = (action.endpoint.ip, action.endpoint.port)
         # Keepalive 0 then K: turning keepalive on makes WireGuard send at once (a
@@ -205,7 +211,9 @@ class Client:
         self.backend.set_peer(action.peer, keepalive=action.keepalive)
         self.channel.poke(ep)
         log.info("peer %s: endpoint %s (%s), keepalive %ds", short_key(action.peer),
-                 action.endpoint, action.reason, action.keepalive)
+                 action.endpoint, action.reason, action.keepalive,
+                 extra=peer_fields(action.peer, action.endpoint, reason=action.reason,
+                                   keepalive=action.keepalive))
 
     def run(self) -> Result:
         opts = self.opts
@@ -228,8 +236,10 @@ class Client:
         self._take_replies()  # an early reply may already be in
         while not self.stopping:
             now = clock()
+            for o in opts.observers:
+                o.tick(self, now)
             for send in machine.poll(now):
-                log.debug("asking for %s", short_key(send.peer))
+                log.debug("asking for %s", short_key(send.peer), extra=peer_fields(send.peer))
                 self.channel.send_to_server(send.payload)
             if opts.daemon and now >= next_summary:
                 log.info("counters: %s", self.summary())
@@ -295,9 +305,13 @@ def run(opts: Options) -> Result:
         signal.signal(sig, client.stop)
     try:
         client.open()
+        for o in opts.observers:
+            o.opened(client)
         try:
             return client.run()
         finally:
             log.info("counters: %s", client.summary())
     finally:
+        for o in opts.observers:
+            o.closed(client)
         client.close()

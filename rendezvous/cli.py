@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import logsetup, metrics
 from .classic import DEFAULT_PORT
 from .server import ListenError, Server, ServerOptions
 from .service import Config, Service
@@ -93,13 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="datagram I/O: batched recvmmsg/sendmmsg, or one call per "
                         "datagram (default auto: batched where available)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    logsetup.add_argument(p)
+    metrics.add_argument(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logsetup.configure(args.log_format, args.verbose)
     if args.ttl <= 0:
         log.error("--ttl must be positive")
         return 2
@@ -116,8 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.open()
     except ListenError as e:
-        print(f"wg-rendezvous: {e.strerror}", file=sys.stderr)
+        logsetup.fail("wg-rendezvous", str(e.strerror), args.log_format)
         return 1
+    try:
+        exporter = metrics.start(args.metrics, server)
+    except metrics.MetricsError as e:
+        logsetup.fail("wg-rendezvous", str(e), args.log_format)
+        server.close()
+        return e.exit_code
     server.install_signal_handlers()
     addrs = ", ".join(f"{a}:{p}" for a, p in server.addresses)
     rate = f"{args.rate:g}/s burst {args.burst:g}" if args.rate > 0 else "off"
@@ -130,5 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.log_stats()
         server.close()
+        if exporter is not None:
+            exporter.close()
     log.info("stopped")
     return 0
