@@ -36,6 +36,8 @@ examples:
   wg-punch demo.example.net wg0            one pass over every peer of wg0
   wg-punch --wait 203.0.113.7:49918 wg0    ... and wait for each peer's handshake
   wg-punch --daemon rendezvous.example wg0 keep endpoints fresh when NATs rebind
+  wg-punch status wg0 [--json]             per peer: endpoint, where it came from,
+                                           handshake, last server answer (no SERVER)
 
 exit status:
   0 every endpoint applied (and, with --wait, every handshake seen)
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only this peer (base64 public key); repeat for several")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
     logsetup.add_argument(p)
-    metrics.add_argument(p)
+    metrics.add_argument(p, default_port=9478)
     observe.add_arguments(p)
     return p
 
