@@ -257,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         error = e.strerror or str(e)
     if state is not None and state.interface != args.interface:
-        state, error = None, f"it describes interface {state.interface!r}"
+        error = f"it describes interface {state.interface!r}"
+        state = None
     report = build(device, state, str(path), error)
     now = time.time()
     if args.json:

@@ -9,24 +9,21 @@ only reads ints (atomic under the GIL).
 Snapshot keys become metrics by rule, so a counter added to ``snapshot()`` later (v2
 notifications, relays, ...) is exported without touching this module:
 
-=====================================  ==================================================
-snapshot key                           metric
-=====================================  ==================================================
-``found`` / ``not_found``              ``wgpunch_rendezvous_requests_total{type="classic",result=...}``
-``<type>_found`` / ``<type>_not_found`` ``..._requests_total{type="<type>",result=...}``
-``dropped_<reason>``                   ``wgpunch_rendezvous_dropped_total{reason="<reason>"}``
-``notify_<result>``                    ``wgpunch_rendezvous_notifications_total{result=...}``
-``peers``                              ``wgpunch_rendezvous_peers`` (gauge: table size)
-``rate_limited``, ``evicted``,         ``..._rate_limited_total``, ``..._evictions_total``,
-``expired``, ``send_failed``           ``..._expiries_total``, ``..._send_failures_total``
-``requests``                           left out: the sum of the requests_total series
-any key in :data:`GAUGES` or ending    a gauge ``wgpunch_rendezvous_<key>``
-in ``_active``
-any other key                          a counter ``wgpunch_rendezvous_<key>_total``
-=====================================  ==================================================
+- ``found``, ``not_found``: ``requests_total{type="classic",result=...}``;
+  ``<type>_found``, ``<type>_not_found``: ``requests_total{type="<type>",result=...}``
+- ``dropped_<reason>``: ``dropped_total{reason="<reason>"}``
+- ``notify_<result>``: ``notifications_total{result="<result>"}``
+- ``rate_limited``, ``evicted``, ``expired``, ``send_failed``: ``rate_limited_total``,
+  ``evictions_total``, ``expiries_total``, ``send_failures_total``
+- ``peers`` (the table size), any key in :data:`GAUGES` or ending in ``_active``: a
+  gauge named after the key
+- ``requests``: left out (it is the sum of the ``requests_total`` series)
+- any other key: a counter ``<key>_total``
 
-prometheus-client is optional: this module imports it only in :func:`start`, and says
-so clearly (:class:`MetricsUnavailable`) when it is missing.
+Every name starts with ``wgpunch_rendezvous_``.
+
+prometheus-client is optional: it is imported only once metrics are started, and a
+missing one is reported clearly (:class:`MetricsUnavailable`, exit status 2).
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def test_merge_and_render_without_a_device_call():
            "  server answer: 198.51.100.1:4000, 11s ago\n" \
            "  set by wg-punch: 198.51.100.1:4000, 99s ago\n  NAT: unknown" in text
     assert "  endpoint: [2001:db8::1]:51820 (set by hand or unknown)\n" \
-           "  latest handshake: never\n  server answer: peer not known to the server, 12s ago" in text
+           "  latest handshake: never\n" \
+           "  server answer: peer not known to the server, 12s ago" in text
     doc = to_json(report, now=1100.0)
     assert doc["state"]["running"] is True and doc["state"]["last_reply_age"] == 11.0
     a, b = doc["peers"]
