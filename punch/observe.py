@@ -96,11 +96,13 @@ class StateWriter(Observer):
         self._failed = False
 
     def opened(self, client: Client) -> None:
+        # The first write waits for the first tick: the first request goes out first.
         self.path = state_path(self.directory, client.opts.interface)
         self._started = time.time()
-        self._write(client, time.monotonic())
 
     def tick(self, client: Client, now: float) -> None:
+        if self.path is None:
+            return
         c = client.machine.counters
         seen = (c.sent, c.replies, c.lost, c.applied, len(client.machine.peers))
         if seen == self._last_seen and now - self._last_write < self.heartbeat:

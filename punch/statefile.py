@@ -189,15 +189,21 @@ def state_path(directory: Path | str, interface: str) -> Path:
     return Path(directory) / f"{interface}.json"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace PATH with DATA atomically; creates the directory (0755) if needed."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = False) -> None:
+    """Replace PATH with DATA atomically; creates the directory (0755) if needed.
+
+    Readers see the old file or the new one (rename is atomic). DURABLE also fsyncs
+    before the rename, for a file that must survive a crash; the state file lives in
+    /run, which a crash empties anyway, and an fsync costs milliseconds on a disk.
+    """
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
