@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -89,11 +90,20 @@ class Report:
     state: InterfaceState | None
     state_error: str | None
     peers: tuple[PeerStatus, ...]
+    writer_alive: bool | None = None  # is the state's pid still there? None: not checked
+
+    @property
+    def running(self) -> bool:
+        st = self.state
+        return st is not None and st.ended is None and self.writer_alive is not False
 
 
 def build(device: Device, state: InterfaceState | None, state_file: str,
-          state_error: str | None = None) -> Report:
-    """Merge the live DEVICE with wg-punch's STATE (None: no state file)."""
+          state_error: str | None = None, writer_alive: bool | None = None) -> Report:
+    """Merge the live DEVICE with wg-punch's STATE (None: no state file).
+
+    WRITER_ALIVE says whether the process that wrote STATE still runs: a daemon killed
+    without a chance to say it ended leaves a state that claims it is running."""
     records = state.peers if state is not None else {}
     peers = []
     for p in device.peers:
@@ -103,7 +113,7 @@ def build(device: Device, state: InterfaceState | None, state_file: str,
                                 endpoint_source(current, record, state is not None),
                                 p.last_handshake or None, record))
     return Report(device.name, device.public_key, device.listen_port, state_file, state,
-                  state_error, tuple(peers))
+                  state_error, tuple(peers), writer_alive)
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -131,8 +141,12 @@ def render_text(report: Report, now: float) -> str:
     lines.append(f"  listening port: {report.listen_port}")
     st = report.state
     if st is not None:
-        run = (f"ended {_ago(st.ended, now)}" if st.ended is not None
-               else f"running, state updated {_ago(st.updated, now)}")
+        if st.ended is not None:
+            run = f"ended {_ago(st.ended, now)}"
+        elif report.running:
+            run = f"running, state updated {_ago(st.updated, now)}"
+        else:
+            run = f"not running (pid {st.pid} is gone), state updated {_ago(st.updated, now)}"
         lines.append(f"  wg-punch: {st.mode}, pid {st.pid}, server {st.server}, "
                      f"started {_ago(st.started, now)}, {run}")
         lines.append(f"  last server reply: {_ago(st.last_reply, now)}")
@@ -170,7 +184,7 @@ def to_json(report: Report, now: float) -> dict[str, Any]:
     st = report.state
     state = None if st is None else {
         "mode": st.mode, "pid": st.pid, "server": st.server, "started": st.started,
-        "updated": st.updated, "ended": st.ended, "running": st.ended is None,
+        "updated": st.updated, "ended": st.ended, "running": report.running,
         "last_reply": st.last_reply,
         "last_reply_age": round(now - st.last_reply, 3) if st.last_reply is not None else None,
     }
@@ -221,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_device(interface: str) -> Device:
     """The device through the usual backend; errors are PunchErrors with exit codes."""
     from . import wg
@@ -259,7 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state is not None and state.interface != args.interface:
         error = f"it describes interface {state.interface!r}"
         state = None
-    report = build(device, state, str(path), error)
+    report = build(device, state, str(path), error,
+                   _alive(state.pid) if state is not None and state.ended is None else None)
     now = time.time()
     if args.json:
         print(json.dumps(to_json(report, now), indent=2))

@@ -72,6 +72,13 @@ def test_merge_and_render_without_a_device_call():
     assert b["latest_handshake"] is None and b["nat"] == "unknown"
 
 
+def test_a_state_whose_writer_is_gone_is_not_running():
+    device = Device("wg9", public_key=KEY_A, listen_port=1, peers=())
+    report = build(device, _state(), "p", writer_alive=False)
+    assert "not running (pid 42 is gone), state updated 10s ago" in render_text(report, 1100.0)
+    assert to_json(report, 1100.0)["state"]["running"] is False
+
+
 def test_render_without_state_says_so():
     device = Device("wg9", public_key=KEY_A, listen_port=1, peers=(Peer(KEY_B, ("10.0.0.1", 2)),))
     report = build(device, None, "/run/wg-punch/wg9.json")
@@ -196,3 +203,24 @@ def test_base64_keys_in_doc_are_valid():
     device = Device("wg9", public_key=KEY_A, listen_port=1, peers=(Peer(KEY_B),))
     doc = to_json(build(device, None, "p"), 0.0)
     assert base64.b64decode(doc["peers"][0]["public_key"]) == KEY_B
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
+def test_status_of_a_killed_daemon_says_it_is_not_running(ns, state_dir):
+    pair = Pair(ns)
+    port = start_server(ns)
+    d = ns.popen([sys.executable, "-m", "punch", "--daemon", f"127.0.0.1:{port}", pair.ifs[0]])
+    path = state_dir / f"{pair.ifs[0]}.json"
+    deadline = time.monotonic() + 15
+    while not path.exists():
+        assert time.monotonic() < deadline and d.poll() is None, "no state file"
+        time.sleep(0.1)
+    doc = json.loads(status(ns, "--json", pair.ifs[0]).stdout)
+    assert doc["state"]["mode"] == "daemon" and doc["state"]["running"] is True
+    pid = doc["state"]["pid"]
+    d.kill()  # no chance to write "ended"
+    d.wait(10)
+    r = status(ns, pair.ifs[0])
+    assert f"not running (pid {pid} is gone)" in r.stdout, r.stdout
+    assert json.loads(status(ns, "--json", pair.ifs[0]).stdout)["state"]["running"] is False
