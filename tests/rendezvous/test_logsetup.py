@@ -130,11 +130,8 @@ def test_server_listen_error_in_json_is_one_json_line():
 
 @pytest.mark.root
 @pytest.mark.usefixtures("needs_wireguard_go")
-def test_punch_json_logs_every_line_with_peer_fields(tmp_path, monkeypatch):
-    from punch.statefile import ENV_DIR
+def test_punch_json_logs_every_line_with_peer_fields():
     from tests.punch.test_client import Pair, start_server
-
-    monkeypatch.setenv(ENV_DIR, str(tmp_path))  # the state files stay out of /run
 
     with Netns("lj") as ns:
         pair = Pair(ns)
