@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +87,8 @@ def _b64(key: bytes) -> str:
 
 def encode(state: InterfaceState) -> bytes:
     """The file's bytes (UTF-8 JSON, one trailing newline)."""
+    import json  # imported on first use: after wg-punch's first request is out
+
     doc = {
         "version": VERSION,
         "interface": state.interface,
@@ -129,6 +129,8 @@ def _time(doc: Mapping[str, Any], name: str, where: str, optional: bool = True) 
 
 def decode(data: bytes) -> InterfaceState:
     """Parse a state file; :class:`StateFileError` says which field is wrong."""
+    import json
+
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -196,6 +198,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, durable: bool = Fal
     before the rename, for a file that must survive a crash; the state file lives in
     /run, which a crash empties anyway, and an fsync costs milliseconds on a disk.
     """
+    import tempfile  # only writers need it (~5 ms to import)
+
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -11,7 +11,6 @@ is one object per line with ``time`` (UTC, RFC 3339 with milliseconds), ``level`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -61,6 +60,8 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        import json  # not before the first JSON line: wg-punch's start-up counts
+
         out: dict[str, Any] = {
             "time": self._time(record.created),
             "level": record.levelname.lower(),
