@@ -168,3 +168,31 @@ def test_systemd_analyze_security_rates_it_ok(tmp_path, path, name):
     print(last)  # the figure, for the log
     assert r.returncode == 0, r.stdout
     assert "Overall exposure level" in last
+
+
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
+def test_the_client_units_two_capabilities_are_enough():
+    """wg-punch with exactly the unit's capability bounding set (and no_new_privs) still
+    punches: CAP_NET_RAW and CAP_NET_ADMIN are all it needs."""
+    from tests.nstools import Netns
+    from tests.punch.test_client import Pair, start_server
+
+    caps = one(parse_unit(CLIENT_UNIT), "Service", "CapabilityBoundingSet").split()
+    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    with Netns("cap") as ns:
+        pair = Pair(ns)
+        port = start_server(ns)
+        server = f"127.0.0.1:{port}"
+        a = ns.popen(["setpriv", f"--bounding-set={bounding}", "--no-new-privs", sys.executable,
+                      "-m", "punch", "--wait", "--timeout", "20", server, pair.ifs[0]])
+        b = ns.run(["setpriv", f"--bounding-set={bounding}", "--no-new-privs", sys.executable,
+                    "-m", "punch", "--wait", "--timeout", "20", server, pair.ifs[1]],
+                   check=False, timeout=40)
+        assert b.returncode == 0, b.stderr
+        assert a.wait(25) == 0, a.stderr.read().decode() if a.stderr else ""
+        # ... and one capability fewer is not enough (the raw socket needs CAP_NET_RAW).
+        r = ns.run(["setpriv", "--bounding-set=-all,+net_admin", "--no-new-privs",
+                    sys.executable, "-m", "punch", "--timeout", "2", server, pair.ifs[0]],
+                   check=False)
+        assert r.returncode == 3, r.stderr
