@@ -90,6 +90,8 @@ def test_client_unit_has_exactly_net_raw_and_net_admin():
     assert "wg-quick@%i.service" in one(unit, "Unit", "After").split()
     assert "wg-quick@%i.service" in one(unit, "Unit", "Wants").split()
     assert one(unit, "Service", "EnvironmentFile") == "/etc/wg-punch/%i.env"
+    # Exit statuses that a restart cannot fix (see wg-punch --help): no restart loop.
+    assert set(one(unit, "Service", "RestartPreventExitStatus").split()) == {"2", "3"}
 
 
 def _exec_argv(path: Path, env: dict[str, str], instance: str = "wg0") -> list[str]:
