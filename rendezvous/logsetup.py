@@ -70,13 +70,12 @@ class JsonFormatter(logging.Formatter):
         }
         for name, value in vars(record).items():
             if name not in _STANDARD and not name.startswith("_"):
-                out[name] = value if isinstance(value, (str, int, float, bool)) or value is None \
-                    else str(value)
+                out[name] = value  # dicts and lists stay JSON; anything else: str()
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"), default=str)
 
     @staticmethod
     def _time(created: float) -> str:

@@ -37,12 +37,12 @@ def _record(msg: str, *args: object, **extra: object) -> logging.LogRecord:
 
 def test_json_formatter_has_the_fields_and_the_same_message():
     rec = _record("peer %s: endpoint %s", "QUFBQUFB…", "1.2.3.4:5", peer="QUFBQUFB…",
-                  addr="1.2.3.4:5", keepalive=25, odd=object())
+                  addr="1.2.3.4:5", keepalive=25, odd=object(), stats={"found": 2})
     doc = json.loads(JsonFormatter().format(rec))
     assert doc["level"] == "warning" and doc["logger"] == "wg-test"
     assert doc["message"] == "peer QUFBQUFB…: endpoint 1.2.3.4:5"
     assert doc["peer"] == "QUFBQUFB…" and doc["addr"] == "1.2.3.4:5" and doc["keepalive"] == 25
-    assert doc["odd"].startswith("<object object")
+    assert doc["odd"].startswith("<object object") and doc["stats"] == {"found": 2}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"])
     assert "args" not in doc and "msg" not in doc and "exc_info" not in doc
 
