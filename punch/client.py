@@ -1,11 +1,9 @@
 """The client's I/O loop: reads the device, drives the punch state machine, and
 carries out its actions on the raw socket(s) and the WireGuard backend.
 
-Classic (the default): :class:`punch.machine.Punch`, one IPv4 raw socket.
-v2 (``--server-key``): :class:`punch.v2machine.PunchV2`; requests are sealed with keys
-derived from the interface's own private key and the pinned server key, and go out
-over IPv4 and IPv6, one raw socket per family the server has an address of and the
-host has a route for. ``cryptography`` is imported only on this path.
+Classic (the default): :class:`Client` with :class:`punch.machine.Punch`, one IPv4 raw
+socket. v2 (``--server-key``): :class:`punch.v2client.ClientV2`, a subclass that only
+this path imports.
 
 No decisions are made here beyond *when to stop*, which depends on the mode.
 """
@@ -24,20 +22,17 @@ from typing import TYPE_CHECKING
 from rendezvous.classic import DEFAULT_PORT, short_key
 from rendezvous.logsetup import peer_fields
 
-from .errors import (
-    BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable, ServerUnresolvable,
-)
+from .errors import BadInterface, NotPermitted, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
-    from rendezvous.v2.crypto import ClientCrypto
-
     from . import v2machine
     from .observe import Observer
     from .rawsock import RawChannel
     from .wg import Backend, Device
 
-__all__ = ["Options", "Result", "resolve_server", "resolve_servers", "run", "split_server"]
+__all__ = ["Client", "Options", "Result", "resolve_server", "resolve_servers", "run",
+           "split_server"]
 
 log = logging.getLogger("wg-punch")
 
@@ -406,129 +401,14 @@ class Client:
                       "that drops UDP")
 
 
-class ClientV2(Client):
-    """The v2 client: sealed requests over every family that reaches the server."""
-
-    protocol = "v2"
-
-    def __init__(self, opts: Options) -> None:
-        self.crypto: ClientCrypto | None = None
-        self.failed_channels = 0
-        self.auth_failed = 0
-        self.malformed = 0
-        super().__init__(opts)
-
-    def _make_machine(self) -> Punch | v2machine.PunchV2:
-        from .v2machine import PunchV2
-
-        opts = self.opts
-        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families)
-
-    def _resolve(self) -> None:
-        self.servers = resolve_servers(self.opts.server, self.opts.families)
-
-    def _open_channels(self, device: Device) -> None:
-        from .rawsock import open_channel, source_address_for
-        from .v2machine import PunchV2
-
-        opts = self.opts
-        if device.private_key is None:
-            raise BadInterface(f"cannot read the private key of {opts.interface} "
-                               "(v2 proves ownership of it to the server)")
-        assert opts.server_key is not None
-        try:
-            from rendezvous.v2.crypto import AuthError, ClientCrypto
-        except ImportError as e:
-            raise PunchError(f"v2 needs the cryptography package: {e}") from None
-        try:
-            self.crypto = ClientCrypto(device.private_key, opts.server_key)
-        except (AuthError, ValueError) as e:
-            raise BadServerKey(f"--server-key is not a usable server key: {e}") from None
-        for family, server in self.servers.items():
-            try:
-                source_address_for(server)
-                self.channels.append(open_channel(server, device.listen_port))
-            except NotPermitted:
-                raise
-            except (PunchError, OSError) as e:
-                self.failed_channels += 1
-                log.info("IPv%d: not using the server at %s: %s", family, server[0], e)
-        if not self.channels:
-            raise ServerUnreachable(f"no route to the server {self._server_text()}")
-        # Only the families that opened are asked over.
-        self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
-                               families=[c.family for c in self.channels])
-
-    def summary(self) -> str:
-        assert not isinstance(self.machine, Punch)
-        c = self.machine.counters
-        ignored = sum(ch.ignored for ch in self.channels)
-        fams = ",".join(str(ch.family) for ch in self.channels)
-        return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
-                f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
-                f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
-                f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
-                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
-
-    def _send_due(self, now: float) -> None:
-        from .v2machine import Send
-
-        machine = self.machine
-        assert self.crypto is not None and not isinstance(machine, Punch)
-        for action in machine.poll(now, time.time_ns()):
-            if isinstance(action, Send):
-                log.debug("asking for %s over IPv%d (id %08x)", short_key(action.peer),
-                          action.family, action.body.request_id,
-                          extra=peer_fields(action.peer))
-                channel = next(c for c in self.channels if c.family == action.family)
-                channel.send_to_server(self.crypto.seal_request(action.body))
-            else:
-                self.apply(action)
-
-    def _take_replies(self, channel: RawChannel) -> None:
-        from rendezvous.v2.crypto import AuthError
-        from rendezvous.v2.wire import NotifyBody, WireError
-
-        machine = self.machine
-        assert self.crypto is not None and not isinstance(machine, Punch)
-        for payload in channel.replies():
-            now = time.monotonic()
-            try:
-                body = self.crypto.open(payload)
-            except AuthError:
-                self.auth_failed += 1
-                log.debug("a %d-byte datagram from the server does not authenticate",
-                          len(payload))
-                continue
-            except WireError as e:
-                self.malformed += 1
-                log.debug("a malformed datagram from the server: %s", e)
-                continue
-            self.last_reply = now
-            if isinstance(body, NotifyBody):
-                log.debug("notify over IPv%d: peer %s", channel.family, short_key(body.peer))
-                actions = machine.on_notify(now, body, channel.family)
-            else:
-                log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
-                          body.status.name.lower())
-                actions = machine.on_reply(now, body, channel.family)
-            for action in actions:
-                self.apply(action)
-
-    def _silent(self) -> str:
-        port = next(iter(self.servers.values()))[1]
-        return (f"no reply from the server {self._server_text()} within "
-                f"{self.opts.timeout:g}s (is wg-rendezvous running there with --key, is UDP "
-                f"port {port} open, and is --server-key its public key?)")
-
-    def _not_found(self, names: str) -> str:
-        return (f"no answer yet for peer(s) {names}: they have not asked this server for "
-                "us recently (v2 answers only peers that ask for each other: run "
-                "wg-punch --server-key on them too)")
-
-
 def run(opts: Options) -> Result:
-    client = ClientV2(opts) if opts.server_key is not None else Client(opts)
+    client: Client
+    if opts.server_key is not None:
+        from .v2client import ClientV2  # cryptography and the v2 codec load only here
+
+        client = ClientV2(opts)
+    else:
+        client = Client(opts)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, client.stop)
     try:

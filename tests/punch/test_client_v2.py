@@ -175,8 +175,9 @@ def test_ipv6_between_namespaces(two_hosts, tmp_path):
 def test_ipv6_without_a_tunnel_falls_back_to_ipv4(two_hosts, tmp_path):
     """IPv6 reaches the server, but a firewall drops IPv6 between the WireGuard ports:
     the IPv6 endpoint gives no handshake and both sides fall back to IPv4. (The rule
-    names both ports: nft on this kernel misreads the ports of packets a raw IPv6
-    socket sends, so a "not the server's port" rule would drop the requests too.)"""
+    names the WireGuard ports. Measured: this nft merges two adjacent "udp sport !=
+    P udp dport != P" matches into one compare of both ports, "not both equal", so
+    such a rule would drop the requests to the server too.)"""
     a, b = two_hosts
     if not shutil.which("nft"):
         pytest.skip("nft is not installed")
@@ -319,3 +320,21 @@ def test_interface_without_a_private_key_exits_4(ns):
     assert r.returncode == 4, r.stderr
     assert r.stderr.strip().splitlines()[-1] == \
         f"wg-punch: {ifn} has no private key (wg set {ifn} private-key FILE)"
+
+
+def test_only_the_v2_path_imports_cryptography(ns):
+    """Start-up matters (bench/client_startup.py): the classic client never loads the
+    AEAD library or the v2 codec; the v2 client does."""
+    pair = Pair(ns)
+
+    def imported(*args: str) -> set[str]:
+        r = ns.run([sys.executable, "-X", "importtime", "-m", "punch", "--timeout", "0.5", *args,
+                    "127.0.0.1:9", pair.ifs[0]], check=False)
+        assert r.returncode == 6, r.stderr
+        return {line.rsplit("|", 1)[1].strip() for line in r.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+
+    classic = imported()
+    v2 = imported("--server-key", keypair(ns)[1])
+    for mod in ("cryptography", "rendezvous.v2.crypto", "rendezvous.v2.wire", "punch.v2client"):
+        assert mod not in classic and mod in v2, mod

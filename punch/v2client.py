@@ -1,0 +1,151 @@
+"""The v2 client shell (``wg-punch --server-key``): :class:`ClientV2` drives
+:class:`punch.v2machine.PunchV2`.
+
+Requests are sealed with keys derived from the interface's own private key (read from
+the device) and the pinned server key, and go out over IPv4 and IPv6: one raw socket
+per family the server has an address of and this host has a route for (a family that
+fails to open is counted and skipped). Every datagram from the server is opened and
+authenticated before the machine sees it; one that does not open is counted and
+dropped. Only this module imports ``cryptography`` (through rendezvous.v2.crypto), so
+the classic path never pays for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from rendezvous.classic import short_key
+from rendezvous.logsetup import peer_fields
+
+from .client import Client, Options, resolve_servers
+from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
+from .machine import Punch
+from .v2machine import PunchV2, Send
+
+if TYPE_CHECKING:
+    from rendezvous.v2.crypto import ClientCrypto
+
+    from .rawsock import RawChannel
+    from .wg import Device
+
+__all__ = ["ClientV2"]
+
+log = logging.getLogger("wg-punch")
+
+
+class ClientV2(Client):
+    """The v2 client: sealed requests over every family that reaches the server."""
+
+    protocol = "v2"
+
+    def __init__(self, opts: Options) -> None:
+        self.crypto: ClientCrypto | None = None
+        self.failed_channels = 0
+        self.auth_failed = 0
+        self.malformed = 0
+        super().__init__(opts)
+
+    def _make_machine(self) -> Punch | PunchV2:
+        opts = self.opts
+        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families)
+
+    def _resolve(self) -> None:
+        self.servers = resolve_servers(self.opts.server, self.opts.families)
+
+    def _open_channels(self, device: Device) -> None:
+        from .rawsock import open_channel, source_address_for
+
+        opts = self.opts
+        if device.private_key is None:
+            raise BadInterface(f"cannot read the private key of {opts.interface} "
+                               "(v2 proves ownership of it to the server)")
+        assert opts.server_key is not None
+        try:
+            from rendezvous.v2.crypto import AuthError, ClientCrypto
+        except ImportError as e:
+            raise PunchError(f"v2 needs the cryptography package: {e}") from None
+        try:
+            self.crypto = ClientCrypto(device.private_key, opts.server_key)
+        except (AuthError, ValueError) as e:
+            raise BadServerKey(f"--server-key is not a usable server key: {e}") from None
+        for family, server in self.servers.items():
+            try:
+                source_address_for(server)
+                self.channels.append(open_channel(server, device.listen_port))
+            except NotPermitted:
+                raise
+            except (PunchError, OSError) as e:
+                self.failed_channels += 1
+                log.info("IPv%d: not using the server at %s: %s", family, server[0], e)
+        if not self.channels:
+            raise ServerUnreachable(f"no route to the server {self._server_text()}")
+        # Only the families that opened are asked over.
+        self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
+                               families=[c.family for c in self.channels])
+
+    def summary(self) -> str:
+        assert not isinstance(self.machine, Punch)
+        c = self.machine.counters
+        ignored = sum(ch.ignored for ch in self.channels)
+        fams = ",".join(str(ch.family) for ch in self.channels)
+        return (f"requests={c.sent} replies={c.replies} lost={c.lost} late={c.late} "
+                f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
+                f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
+                f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
+                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
+
+    def _send_due(self, now: float) -> None:
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        for action in machine.poll(now, time.time_ns()):
+            if isinstance(action, Send):
+                log.debug("asking for %s over IPv%d (id %08x)", short_key(action.peer),
+                          action.family, action.body.request_id,
+                          extra=peer_fields(action.peer))
+                channel = next(c for c in self.channels if c.family == action.family)
+                channel.send_to_server(self.crypto.seal_request(action.body))
+            else:
+                self.apply(action)
+
+    def _take_replies(self, channel: RawChannel) -> None:
+        from rendezvous.v2.crypto import AuthError
+        from rendezvous.v2.wire import NotifyBody, WireError
+
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        for payload in channel.replies():
+            now = time.monotonic()
+            try:
+                body = self.crypto.open(payload)
+            except AuthError:
+                self.auth_failed += 1
+                log.debug("a %d-byte datagram from the server does not authenticate",
+                          len(payload))
+                continue
+            except WireError as e:
+                self.malformed += 1
+                log.debug("a malformed datagram from the server: %s", e)
+                continue
+            self.last_reply = now
+            if isinstance(body, NotifyBody):
+                log.debug("notify over IPv%d: peer %s", channel.family, short_key(body.peer))
+                actions = machine.on_notify(now, body, channel.family)
+            else:
+                log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
+                          body.status.name.lower())
+                actions = machine.on_reply(now, body, channel.family)
+            for action in actions:
+                self.apply(action)
+
+    def _silent(self) -> str:
+        port = next(iter(self.servers.values()))[1]
+        return (f"no reply from the server {self._server_text()} within "
+                f"{self.opts.timeout:g}s (is wg-rendezvous running there with --key, is UDP "
+                f"port {port} open, and is --server-key its public key?)")
+
+    def _not_found(self, names: str) -> str:
+        return (f"no answer yet for peer(s) {names}: they have not asked this server for "
+                "us recently (v2 answers only peers that ask for each other: run "
+                "wg-punch --server-key on them too)")
