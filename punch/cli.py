@@ -9,6 +9,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from rendezvous import logsetup, metrics
+
+from . import observe
 from .errors import PunchError
 from .machine import Timing
 
@@ -47,6 +50,8 @@ examples:
                                            `wg-rendezvous pubkey < server.key`
   wg-punch --server-key KEY -6 '[2001:db8::7]:49918' wg0
                                            v2 over IPv6 only
+  wg-punch status wg0 [--json]             per peer: endpoint, where it came from,
+                                           handshake, last server answer (no SERVER)
 
 exit status:
   0 every endpoint applied (and, with --wait, every handshake seen)
@@ -129,34 +134,48 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
                      help="v2: reach the server over IPv6 only")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
+    logsetup.add_argument(p)
+    metrics.add_argument(p, default_port=9478)
+    observe.add_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:  # wg-punch status INTERFACE: before the normal parser
+        from .status import main as status_main
+
+        return status_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.family == 6 and args.server_key is None:
         parser.error("-6/--ipv6-only needs --server-key (the classic protocol is IPv4 only)")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logsetup.configure(args.log_format, args.verbose)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # -v is about wg-punch's traffic
     from .client import Options, run
+
+    try:
+        observers = observe.from_args(args)
+    except metrics.MetricsError as e:
+        logsetup.fail("wg-punch", str(e), args.log_format)
+        return e.exit_code
 
     timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)
     opts = Options(server=args.server, interface=args.interface, timeout=args.timeout,
                    wait=args.wait, daemon=args.daemon,
                    peers=frozenset(args.peer) if args.peer else None, timing=timing,
                    server_key=args.server_key,
-                   families=(args.family,) if args.family else (4, 6))
+                   families=(args.family,) if args.family else (4, 6),
+                   observers=observers)
     try:
         result = run(opts)
     except PunchError as e:
-        print(f"wg-punch: {e}", file=sys.stderr)
+        logsetup.fail("wg-punch", str(e), args.log_format)
         return e.exit_code
     except KeyboardInterrupt:
         return 0
     if result.message and result.code:
-        print(f"wg-punch: {result.message}", file=sys.stderr)
+        logsetup.fail("wg-punch", result.message, args.log_format)
     elif result.code == 0 and not args.daemon:
         log.info("done: every endpoint is set")
     return result.code

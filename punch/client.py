@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rendezvous.classic import DEFAULT_PORT, short_key
+from rendezvous.logsetup import peer_fields
 
 from .errors import BadInterface, NotPermitted, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
     from . import v2machine
+    from .observe import Observer
     from .rawsock import RawChannel
     from .wg import Backend, Device
 
@@ -55,6 +57,7 @@ class Options:
     device_refresh: float = 1.0
     server_key: bytes | None = None      # v2: the server's pinned public key
     families: tuple[int, ...] = (4, 6)   # v2: the address families to use
+    observers: tuple[Observer, ...] = ()  # see punch.observe: state file, metrics
 
 
 @dataclass
@@ -273,8 +276,11 @@ class Client:
         assert self.backend is not None
         if isinstance(action, Keepalive):
             self.backend.set_peer(action.peer, keepalive=action.keepalive)
+            current = self.device.peer(action.peer) if self.device is not None else None
             log.info("peer %s: endpoint kept, keepalive %ds", short_key(action.peer),
-                     action.keepalive)
+                     action.keepalive, extra=peer_fields(
+                         action.peer, current.endpoint if current else None,
+                         keepalive=action.keepalive))
             return
         ep = (action.endpoint.ip, action.endpoint.port)
         # Keepalive 0 then K: turning keepalive on makes WireGuard send at once (a
@@ -285,7 +291,9 @@ class Client:
         if channel is not None:
             channel.poke(ep)
         log.info("peer %s: endpoint %s (%s), keepalive %ds", short_key(action.peer),
-                 action.endpoint, action.reason, action.keepalive)
+                 action.endpoint, action.reason, action.keepalive,
+                 extra=peer_fields(action.peer, action.endpoint, reason=action.reason,
+                                   keepalive=action.keepalive))
 
     def _channel_for(self, ip: str) -> RawChannel | None:
         family = 6 if ":" in ip else 4
@@ -295,7 +303,7 @@ class Client:
         machine = self.machine
         assert isinstance(machine, Punch)
         for send in machine.poll(now):
-            log.debug("asking for %s", short_key(send.peer))
+            log.debug("asking for %s", short_key(send.peer), extra=peer_fields(send.peer))
             self.channel.send_to_server(send.payload)
 
     def run(self) -> Result:
@@ -321,6 +329,8 @@ class Client:
             self._take_replies(ch)  # an early reply may already be in
         while not self.stopping:
             now = clock()
+            for o in opts.observers:
+                o.tick(self, now)
             self._send_due(now)
             if opts.daemon and now >= next_summary:
                 log.info("counters: %s", self.summary())
@@ -403,9 +413,13 @@ def run(opts: Options) -> Result:
         signal.signal(sig, client.stop)
     try:
         client.open()
+        for o in opts.observers:
+            o.opened(client)
         try:
             return client.run()
         finally:
             log.info("counters: %s", client.summary())
     finally:
+        for o in opts.observers:
+            o.closed(client)
         client.close()

@@ -64,6 +64,7 @@ class PeerState:
     answer: Endpoint | None = None   # the server's latest answer
     applied: Endpoint | None = None  # what we last applied
     applied_at: float | None = None
+    answered_at: float | None = None  # when the server last answered for this peer
     view: PeerView | None = None
     rx_changed_at: float = 0.0
 
@@ -149,6 +150,7 @@ class Punch:
         except ClassicError:
             self.counters.malformed += 1
             return []
+        st.answered_at = now
         if answer is None:
             if not st.resolved:
                 st.status = Status.NOT_FOUND

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from rendezvous.classic import short_key
+from rendezvous.logsetup import peer_fields
 
 from .client import Client, Options, _view, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
@@ -121,7 +122,8 @@ class ClientV2(Client):
         for action in machine.poll(now, time.time_ns()):
             if isinstance(action, Send):
                 log.debug("asking for %s over IPv%d (id %08x)", short_key(action.peer),
-                          action.family, action.body.request_id)
+                          action.family, action.body.request_id,
+                          extra=peer_fields(action.peer))
                 channel = next(c for c in self.channels if c.family == action.family)
                 channel.send_to_server(self.crypto.seal_request(action.body))
             else:

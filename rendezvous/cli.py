@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import logsetup, metrics
 from .classic import DEFAULT_PORT
 from .server import ListenError, Server, ServerOptions, format_address
 from .service import Config, Service
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--notify-burst", type=_nonneg(float), default=20.0, metavar="B",
                     help="burst of notifications allowed per client key (default 20)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    logsetup.add_argument(p)
+    metrics.add_argument(p)
     return p
 
 
@@ -179,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["pubkey"] and len(argv) == 1:
         return _pubkey()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logsetup.configure(args.log_format, args.verbose)
     if args.ttl <= 0:
         log.error("--ttl must be positive")
         return 2
@@ -221,7 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.open()
     except ListenError as e:
-        return _fail(e.strerror, 1)
+        logsetup.fail("wg-rendezvous", str(e.strerror), args.log_format)
+        return 1
+    try:
+        exporter = metrics.start(args.metrics, server)
+    except metrics.MetricsError as e:
+        logsetup.fail("wg-rendezvous", str(e), args.log_format)
+        server.close()
+        return e.exit_code
     server.install_signal_handlers()
     addrs = ", ".join(format_address(a, p) for a, p in server.addresses)
     rate = f"{args.rate:g}/s burst {args.burst:g}" if args.rate > 0 else "off"
@@ -245,5 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.log_stats()
         server.close()
+        if exporter is not None:
+            exporter.close()
     log.info("stopped")
     return 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from . import mmsg
 from .classic import format_endpoint, short_key
+from .logsetup import peer_fields
 from .service import Service
 from .v2.wire import Endpoint, looks_like_v2
 
@@ -334,12 +335,18 @@ class Server:
     def _log_request(data: bytes, src: bytes, reply: bytes | None) -> None:
         who = str(Endpoint.from_source(src))
         if len(data) != 64 and looks_like_v2(data):
-            log.debug("%s: v2 %s", who, "dropped" if reply is None else f"reply of {len(reply)} bytes")
+            log.debug("%s: v2 %s", who, "dropped" if reply is None else f"reply of {len(reply)} bytes",
+                      extra=peer_fields(addr=who, result="dropped" if reply is None else "v2"))
         elif len(data) != 64:
-            log.debug("%s: dropped a %d-byte datagram", who, len(data))
+            log.debug("%s: dropped a %d-byte datagram", who, len(data),
+                      extra=peer_fields(addr=who, result="dropped"))
         elif reply is None:
-            log.debug("%s: dropped request from %s", who, short_key(data[:32]))
+            log.debug("%s: dropped request from %s", who, short_key(data[:32]),
+                      extra=peer_fields(data[:32], who, result="dropped"))
         else:
             found = format_endpoint(reply) if reply else "not found"
             log.debug("%s: %s asks for %s -> %s", who, short_key(data[:32]),
-                      short_key(data[32:]), found)
+                      short_key(data[32:]), found,
+                      extra=peer_fields(data[:32], who, target=short_key(data[32:]),
+                                        answer=format_endpoint(reply) if reply else None,
+                                        result="found" if reply else "not_found"))

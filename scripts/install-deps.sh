@@ -3,7 +3,8 @@
 # on Debian (apt + pip). Idempotent: installed packages are skipped quickly.
 #   (no flag)    the programs: python3 packages pyroute2, cffi and cryptography
 #   --lab        + the netns lab: iproute2, nftables, wireguard-tools, wireguard-go, ping
-#   --tests      + the test suite: the lab, pytest, scapy, conntrack, tcpdump
+#   --tests      + the test suite: the lab, pytest, scapy, prometheus-client, conntrack,
+#                  tcpdump
 #   --kernel-vm  + the kernel WireGuard VM tests: qemu, busybox-static and a Debian
 #                  kernel with the wireguard module (see ../shared/kernel-wg-vm.md)
 set -euo pipefail
@@ -38,8 +39,8 @@ fi
 
 PY=${PYTHON:-python3}
 pip_pkgs=("pyroute2>=0.7" "cffi>=1.15" "cryptography>=41")
-[ $tests = 1 ] && pip_pkgs+=("pytest>=7" "scapy>=2.5")
-if ! "$PY" -c 'import pyroute2, cffi, cryptography' 2>/dev/null || { [ $tests = 1 ] && ! "$PY" -c 'import pytest, scapy' 2>/dev/null; }; then
+[ $tests = 1 ] && pip_pkgs+=("pytest>=7" "scapy>=2.5" "prometheus-client>=0.17")
+if ! "$PY" -c 'import pyroute2, cffi, cryptography' 2>/dev/null || { [ $tests = 1 ] && ! "$PY" -c 'import pytest, scapy, prometheus_client' 2>/dev/null; }; then
   echo "install-deps.sh: pip install ${pip_pkgs[*]}"
   "$PY" -m pip install -q --disable-pip-version-check "${pip_pkgs[@]}" 2>/dev/null ||
     "$PY" -m pip install -q --disable-pip-version-check --break-system-packages "${pip_pkgs[@]}"

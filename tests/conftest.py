@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from punch.statefile import ENV_DIR
 from tests.nstools import Netns, have, is_root
 
 
@@ -27,3 +28,13 @@ def netns():
 def needs_wireguard_go() -> None:
     if not have("wireguard-go"):
         pytest.skip("wireguard-go is not installed")
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path, monkeypatch):
+    """Every wg-punch a test starts writes its state file (punch.statefile) under the
+    test's own temporary directory, never into the host's /run/wg-punch: child
+    processes inherit the variable through tests.nstools.py_env()."""
+    d = tmp_path / "wg-punch-state"
+    monkeypatch.setenv(ENV_DIR, str(d))
+    return d
