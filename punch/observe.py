@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .machine import PeerState, Punch
+from .machine import PeerState, Punch, Status
 from .statefile import (
     DEFAULT_DIR,
     ENV_DIR,
@@ -52,11 +52,13 @@ class Observer:
 
 
 def _record(st: PeerState, to_wall: Callable[[float], float]) -> PeerRecord:
-    # The classic and the v2 machines' peer states share these fields but for two:
-    # v2 keeps no miss count (its answer says found or pending) and may lack answered_at.
-    answered_at = getattr(st, "answered_at", None)
-    found = None if answered_at is None else (getattr(st, "misses", 0) == 0
-                                              and st.answer is not None)
+    # The classic and the v2 machines' peer states share these fields but one: v2
+    # keeps its miss counts per family, so its latest answer found the peer if the
+    # status says so.
+    answered_at = st.answered_at
+    misses = getattr(st, "misses", 0)
+    found = None if answered_at is None else (misses == 0 and st.answer is not None
+                                              and st.status is not Status.NOT_FOUND)
     return PeerRecord(
         status=st.status.value,
         answer=str(st.answer) if st.answer is not None else None,

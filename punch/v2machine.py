@@ -104,6 +104,7 @@ class PeerState:
     answer: Endpoint | None = None     # the endpoint we chose from the latest answer
     applied: Endpoint | None = None    # what we last applied
     applied_at: float | None = None
+    answered_at: float | None = None   # the server's latest found/pending answer (or notify)
     fallback_at: float | None = None   # when to check an applied IPv6 endpoint
     hold_until: float | None = None    # an IPv4 answer waits for the IPv6 one until then
     v6_failed: Endpoint | None = None  # an IPv6 endpoint that gave no handshake
@@ -255,6 +256,7 @@ class PunchV2:
             ask.due = now if extra <= 0 else now + min(t.poll * 2 ** (extra - 1), t.backoff_max)
             return held
         ask.stale = 0
+        st.answered_at = now
         if body.status == Answer.PENDING:
             if not st.resolved:
                 st.status = Status.NOT_FOUND
@@ -299,6 +301,7 @@ class PunchV2:
             self.counters.unwanted += 1
             return []
         st.notified = body.server_time
+        st.answered_at = now
         self.counters.notifies += 1
         self.replied = True
         st.endpoints, st.peer_nat = endpoints, body.peer_nat

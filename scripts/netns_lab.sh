@@ -712,6 +712,9 @@ server_argv() {
 punch_argv() {
   pyenv
   PUNCH_ARGV=("${PYENV[@]}" "$PYTHON" -m punch)
+  # Each host's state file (wg-punch status) lives in the lab's state dir: both hosts'
+  # interfaces are called wg0, and the host's own /run/wg-punch is not the lab's.
+  PUNCH_ARGV+=(--state-dir "$S/punch-state/$1")
   [ "$V2" = 0 ] || PUNCH_ARGV+=(--server-key "$(cat "$S/server.pub")")
   PUNCH_ARGV+=("$(rdv_for "$1")" wg0)
 }

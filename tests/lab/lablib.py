@@ -210,6 +210,16 @@ class Lab:
 
     # -- WireGuard, NAT and tunnel views ------------------------------------------------
 
+    def status(self, host: str) -> dict:
+        """``wg-punch status wg0 --json`` on HOST, reading the state file the lab's
+        wg-punch wrote there (netns_lab.sh gives each host its own --state-dir)."""
+        import json
+
+        state = STATE_ROOT / self.prefix / "punch-state" / host
+        r = self.run(host, [sys.executable, "-m", "punch", "status", "wg0",
+                            "--state-dir", str(state), "--json"])
+        return json.loads(r.stdout)
+
     def wg_show(self, host: str, field: str) -> list[str]:
         """The value column of ``wg show wg0 FIELD`` (one line per peer)."""
         out = self.run(host, ["wg", "show", "wg0", field]).stdout

@@ -47,6 +47,15 @@ def test_one_shot_clients_build_a_direct_tunnel(make_lab, nat_a: str, nat_b: str
     assert lab.endpoint("bob") == f"{lab.info['PUB_A']}:51820"
     assert lab.wg_show("alice", "persistent-keepalive") == ["25"]
     _assert_tunnel(lab)
+    # wg-punch status on each side tells the same story from the state file + device.
+    for host, other in (("alice", "PUB_B"), ("bob", "PUB_A")):
+        doc = lab.status(host)
+        assert doc["state"]["mode"] == "once" and doc["state"]["running"] is False
+        (peer,) = doc["peers"]
+        assert peer["endpoint"] == f"{lab.info[other]}:51820"
+        assert peer["endpoint_source"] == "server", peer
+        assert peer["server_answer"]["found"] is True, peer
+        assert peer["latest_handshake"] is not None, peer
 
 
 def test_classic_in_a_dual_stack_lab_still_punches_over_ipv4(make_lab) -> None:

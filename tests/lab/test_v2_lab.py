@@ -67,6 +67,11 @@ def test_v2_through_cone_nats_with_require_auth(make_lab) -> None:
     assert lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
     assert lab.endpoint("bob") == f"{lab.info['PUB_A']}:51820"
     _assert_tunnel(lab)
+    for host, other in (("alice", "PUB_B"), ("bob", "PUB_A")):
+        (peer,) = lab.status(host)["peers"]
+        assert peer["endpoint"] == f"{lab.info[other]}:51820"
+        assert peer["endpoint_source"] == "server", peer
+        assert peer["server_answer"]["found"] is True, peer
 
 
 def test_v2_over_ipv6_through_fw6_firewalls(make_lab) -> None:
