@@ -50,11 +50,12 @@ def _missing() -> str | None:
 def test_kernel_tests_in_vm() -> None:
     start = time.monotonic()
     # One boot for everything that needs kernel WireGuard: the netlink backend's tests
-    # and the lab's cone/cone demo (real client, netlink backend, kernel wg0, NATs).
+    # and the lab's cone/cone demo, classic and v2 (real client, netlink backend, kernel wg0,
+    # NATs).
     r = subprocess.run(["bash", str(VM), sys.executable, "-m", "pytest", "-q", "-rs",
                         "-p", "no:cacheprovider", "tests/kernel", "tests/lab/kernel_lab_case.py"],
-                       cwd=REPO, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, WGVM_TIMEOUT="840"))
+                       cwd=REPO, capture_output=True, text=True, timeout=1200,
+                       env=dict(os.environ, WGVM_TIMEOUT="1140"))
     elapsed = time.monotonic() - start
     tail = (r.stdout[-6000:] + ("\n--- stderr ---\n" + r.stderr[-3000:] if r.stderr else ""))
     print(f"kernel VM run: exit {r.returncode} after {elapsed:.0f} s\n{tail}")

@@ -21,13 +21,17 @@ __all__ = ["test_lab_demo_with_kernel_wireguard"]
 
 
 @pytest.mark.lab
-def test_lab_demo_with_kernel_wireguard() -> None:
+@pytest.mark.parametrize("protocol", ["classic", "v2"])
+def test_lab_demo_with_kernel_wireguard(protocol: str) -> None:
     if not is_root():
         pytest.skip("needs root")
     if not Path("/sys/module/wireguard").exists():
         pytest.skip("no kernel WireGuard here (run inside the kernel VM)")
     prefix = new_prefix()
-    r = subprocess.run(["bash", str(SCRIPT), "demo"], capture_output=True, text=True,
+    # v2 also proves the netlink backend hands the client the interface's private key
+    # (v2 seals its requests with it) and that a kernel wg0 takes the notified endpoint.
+    args = ["demo"] + (["--v2"] if protocol == "v2" else [])
+    r = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
                        timeout=900, env=script_env(prefix, LAB_WG="kernel", LAB_TIMEOUT="300"))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
