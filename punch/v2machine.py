@@ -92,6 +92,8 @@ class _Ask:
     stale: int = 0             # consecutive "stale" answers
     inflight: int | None = None  # the request id in flight
     after_v6: bool = False     # IPv4: held back behind the IPv6 request just sent
+    answered: bool = False     # the server has answered (found/pending) over this family:
+                               # we are registered there, which the peer needs
 
 
 @dataclass
@@ -256,6 +258,7 @@ class PunchV2:
             ask.due = now if extra <= 0 else now + min(t.poll * 2 ** (extra - 1), t.backoff_max)
             return held
         ask.stale = 0
+        ask.answered = True
         st.answered_at = now
         if body.status == Answer.PENDING:
             if not st.resolved:
@@ -427,13 +430,17 @@ class PunchV2:
 
     def _settled(self, st: PeerState, status: Status) -> None:
         st.status = status
-        if not self.daemon:  # one-shot: the answer is in; nothing more to ask
+        if not self.daemon:  # one-shot: the answer is in; nothing more to ask, except
+            # over a family not answered yet: that request registers us there, and the
+            # peer needs it (a notify may settle us before our own IPv4 request left)
             for ask in st.asks.values():
-                ask.due = float("inf")
+                if ask.answered:
+                    ask.due = float("inf")
 
     def _schedule(self, st: PeerState, ask: _Ask, due: float) -> None:
-        """Ask again at DUE; one-shot, a settled peer is never asked again."""
-        ask.due = float("inf") if st.resolved and not self.daemon else due
+        """Ask again at DUE; one-shot, a settled peer is not asked again over a family
+        that has been answered."""
+        ask.due = float("inf") if st.resolved and not self.daemon and ask.answered else due
 
     def _remember_expired(self, rid: int) -> None:
         self._expired[rid] = None
@@ -498,9 +505,14 @@ class PunchV2:
 
     def _fallback(self, st: PeerState, now: float) -> Apply | None:
         applied, v4 = st.applied, st.endpoints.get(4)
-        if applied is None or applied.family != 6 or v4 is None or st.applied_at is None:
+        if applied is None or applied.family != 6 or st.applied_at is None:
             return None
         if self._v6_proven(st):
+            return None
+        if v4 is None:
+            # No IPv4 endpoint of the peer known yet (it may not have registered over
+            # IPv4 when we were told): look again soon rather than give up for good.
+            st.fallback_at = now + 1.0
             return None
         st.v6_failed = applied
         st.answer = v4

@@ -3,6 +3,7 @@ opened message bodies (the codec is rendezvous.v2.wire; no cryptography here).""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -315,7 +316,11 @@ def test_ipv6_without_a_handshake_falls_back_to_ipv4():
     [a] = m.on_reply(0.1, found(s6, A6, A4), 6)
     assert a.endpoint == A6
     m.update_device(2.0, dev(PeerView(P1, (A6.ip, A6.port), keepalive=25)))
-    assert [x for x in m.poll(2.0, WALL) if isinstance(x, Apply)] == []
+    # settled, but the IPv4 request still goes out once: it registers us over IPv4,
+    # which the peer needs if IPv6 between us fails
+    s4 = only_send(m.poll(2.0, WALL))
+    assert s4.family == 4
+    assert m.on_reply(2.05, found(s4, A6, A4), 4) == []  # IPv6 stays, for now
     assert m.next_wakeup() == pytest.approx(4.1)
     out = m.poll(4.1, WALL)
     [b] = [x for x in out if isinstance(x, Apply)]
@@ -329,6 +334,31 @@ def test_ipv6_without_a_handshake_falls_back_to_ipv4():
     # ... but a new IPv6 endpoint is tried
     [n] = m.on_notify(5.2, NotifyBody(WALL + 2, P1, (A6B, A4)), 6)
     assert n.endpoint == A6B and n.reason == "IPv6 preferred to 198.51.100.7:40001"
+
+
+def test_one_shot_settled_by_a_notify_still_registers_over_ipv4():
+    """A notify can settle a peer before our own IPv4 request has left (it waits a
+    moment behind the IPv6 one). One-shot, that request must still go out, and once it
+    brings the peer's IPv4 endpoint, a silent IPv6 endpoint falls back to it."""
+    m = PunchV2(dataclasses.replace(T, family_gap=0.05), families=(4, 6),
+                randbits=random.Random(1).getrandbits)
+    m.update_device(0.0, dev(PeerView(P1)))
+    s6 = only_send(m.poll(0.0, WALL))  # IPv4 waits 50 ms behind IPv6
+    assert s6.family == 6
+    [a] = m.on_notify(0.01, NotifyBody(WALL + 1, P1, (A6,)), 6)  # only IPv6 known yet
+    assert a.endpoint == A6 and m.done()
+    assert m.on_reply(0.02, found(s6, A6), 6) == []
+    s4 = only_send(m.poll(0.1, WALL))
+    assert s4.family == 4
+    assert m.on_reply(0.15, pending(s4), 4) == []
+    assert not [x for x in m.poll(1.0, WALL) if isinstance(x, Send)]  # answered: done
+    # no handshake over IPv6; the peer's IPv4 endpoint is not known at the deadline...
+    assert [x for x in m.poll(4.1, WALL) if isinstance(x, Apply)] == []
+    # ... it comes with the next notify (the peer registered over IPv4), and IPv6 is
+    # given up for it at the next check
+    m.on_notify(4.5, NotifyBody(WALL + 2, P1, (A6, A4)), 6)
+    [b] = [x for x in m.poll(5.2, WALL) if isinstance(x, Apply)]
+    assert b.endpoint == A4 and m.counters.fallbacks == 1
 
 
 def test_ipv6_with_a_handshake_stays():
