@@ -10,6 +10,8 @@ forgotten. Pure: ``now`` comes from the caller.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 __all__ = ["RateLimiter"]
 
 
@@ -53,6 +55,33 @@ class RateLimiter:
                 self.forgotten += len(self._tat)
                 self._tat.clear()
         self._tat[source] = tat + self._interval
+        return True
+
+    def allow_all(self, counts: Mapping[bytes, int], now: float) -> bool:
+        """All or nothing: if ``allow(source, now)`` would be true for every one of
+        ``counts[source]`` requests of every source, charge them all exactly as those
+        calls would (the same float additions, in the same order) and return True;
+        otherwise change nothing (not even ``limited``) and return False."""
+        if not self.enabled:
+            return True
+        get, interval, window = self._tat.get, self._interval, self._window
+        new: list[tuple[bytes, float]] = []
+        fresh = 0
+        for source, count in counts.items():
+            tat = get(source)
+            if tat is None:
+                fresh += 1
+                tat = now
+            elif tat < now:
+                tat = now
+            for _ in range(count):
+                if tat - now > window:
+                    return False
+                tat += interval
+            new.append((source, tat))
+        if fresh and len(self._tat) + fresh > self._max_sources:
+            return False  # allow() would sweep or clear the table on the way
+        self._tat.update(new)
         return True
 
     def sweep(self, now: float) -> int:

@@ -4,9 +4,12 @@ Pure: every call takes ``now`` (seconds, any monotonic clock) and does no I/O.
 
 Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured as RSS):
 - One ``dict`` maps the 32-byte key (an 80-byte object once pymalloc rounds it) to one
-  ``int`` packing the 6-byte endpoint and a 12-bit *tick*: the refresh time in units of
-  ttl/1024, modulo 4096. A 60-bit int takes 32 bytes; one more bit (or a tuple, or an
-  object) costs 16 to 60 bytes more per peer. Ages are computed modulo 4096 ticks, which
+  ``int`` packing a 12-bit *tick* (the refresh time in units of ttl/1024, modulo 4096)
+  above the 48-bit endpoint: ``tick << 48 | ip << 16 | port``. A 60-bit int takes 32
+  bytes; one more bit (or a tuple, or an object) costs 16 to 60 bytes more per peer.
+  The endpoint sits in the low bits so that a value packed as a big-endian 64-bit word
+  ends with the classic 6-byte reply: the batch path builds all its replies with one
+  ``struct.pack`` (see :meth:`Registry.get_many`). Ages are computed modulo 4096 ticks, which
   is exact while no entry outlives 4 x ttl unswept: :meth:`Registry.expire` must run
   regularly (the server calls it every loop, and upserts sweep a little too), and a
   registry left untouched for 3 x ttl forgets everything at once.
@@ -25,15 +28,22 @@ Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured a
 from __future__ import annotations
 
 import itertools
+import struct
 import sys
 from collections import deque
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import repeat
+from operator import itemgetter
 
 __all__ = ["Registry", "RegistryStats"]
 
 _TICK_BITS = 12
 _TICK_MASK = (1 << _TICK_BITS) - 1
 _TICKS_PER_TTL = 1024  # ages up to 4 ttl are unambiguous modulo 4096
+_EP_BITS = 48  # the endpoint: 4-byte IPv4 + 2-byte port, big-endian, in the low bits
+_EP_MASK = (1 << _EP_BITS) - 1
 
 
 @dataclass
@@ -43,6 +53,15 @@ class RegistryStats:
     evicted: int = 0
     expired: int = 0
     compactions: int = 0
+
+
+_first = itemgetter(0)
+
+
+@lru_cache(maxsize=4096)
+def _words(n: int) -> struct.Struct:
+    """n big-endian unsigned 64-bit words."""
+    return struct.Struct(f">{n}Q")
 
 
 class Registry:
@@ -98,7 +117,7 @@ class Registry:
             if sys.getsizeof(d) != self._size:
                 self._resized()
                 d = self._d
-        value = (int.from_bytes(endpoint, "big") << _TICK_BITS) | (tick & _TICK_MASK)
+        value = ((tick & _TICK_MASK) << _EP_BITS) | int.from_bytes(endpoint, "big")
         if d.pop(key, None) is not None:
             self.stats.refreshed += 1
         else:
@@ -117,11 +136,11 @@ class Registry:
         value = self._d.get(key)
         if value is None:
             return None
-        if (tick - value) & _TICK_MASK >= _TICKS_PER_TTL:
+        if (tick - (value >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
             del self._d[key]
             self.stats.expired += 1
             return None
-        return (value >> _TICK_BITS).to_bytes(6, "big")
+        return (value & _EP_MASK).to_bytes(6, "big")
 
     def expire(self, now: float, budget: int | None = None) -> int:
         """Drop entries not refreshed for ``ttl`` seconds, oldest first; return how many."""
@@ -131,7 +150,7 @@ class Registry:
         n = 0
         while d and (budget is None or n < budget):
             key = self._peek_oldest()
-            if (tick - d[key]) & _TICK_MASK < _TICKS_PER_TTL:
+            if (tick - (d[key] >> _EP_BITS)) & _TICK_MASK < _TICKS_PER_TTL:
                 break
             self._front.popleft()
             self._front_values.popleft()
@@ -139,6 +158,75 @@ class Registry:
             n += 1
         self.stats.expired += n
         return self.stats.expired - before
+
+    # ---- batches -----------------------------------------------------------------------
+    #
+    # The three methods below let a caller apply many upserts and lookups at one ``now``
+    # with a few C-level passes instead of one Python call each. They are only correct
+    # when :meth:`bulk_ready` said so for that ``now``: then no entry is stale (so no
+    # lookup deletes anything and the periodic sweeps inside ``upsert`` find nothing),
+    # the clock does not jump far enough to empty the table, and the new keys fit without
+    # an eviction. Under those conditions ``upsert_many`` leaves exactly the dict (same
+    # keys, values and order) and counters that the same ``upsert`` calls one by one
+    # would, and ``get_many`` returns what ``lookup`` would for keys it does not write.
+
+    def bulk_ready(self, now: float, keys: Collection[bytes]) -> bool:
+        """Whether upserting the distinct KEYS and looking up any keys at NOW may be done
+        with :meth:`upsert_many` / :meth:`get_many`. Changes nothing."""
+        d = self._d
+        if not d:
+            return len(keys) <= self.max_peers
+        tick = max(int(now * self._per_second), self._now_tick)
+        if tick - self._now_tick >= 3 * _TICKS_PER_TTL:
+            return False  # _clock would forget every entry first
+        if (tick - (d[self._peek_oldest()] >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
+            return False  # some entry is stale; dict order is refresh order
+        if len(d) + len(keys) > self.max_peers:
+            new = len(keys) - sum(map(d.__contains__, keys))
+            if len(d) + new > self.max_peers:
+                return False  # upsert would evict
+        return True
+
+    def get_many(self, keys: Sequence[bytes]) -> tuple[list[int], int] | None:
+        """The stored values of KEYS and how many are absent, or None when that cannot be
+        told from the values (an entry whose value is 0: endpoint 0.0.0.0:0 at tick 0).
+
+        A value packed big-endian in 8 bytes ends with the 6-byte endpoint; an absent key
+        gives 0. Only after :meth:`bulk_ready` at the same ``now``."""
+        d = self._d
+        values = list(map(d.get, keys, repeat(0)))
+        absent = values.count(0)
+        if absent and len(keys) - sum(map(d.__contains__, keys)) != absent:
+            return None
+        return values, absent
+
+    def upsert_many(self, keys: Sequence[bytes], endpoints: bytes | bytearray,
+                    now: float) -> None:
+        """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` for every i, in order.
+        Only after :meth:`bulk_ready` at the same ``now`` for ``set(keys)``."""
+        n = len(keys)
+        if len(endpoints) != 6 * n:
+            raise ValueError(f"endpoints must be {6 * n} bytes for {n} keys, "
+                             f"got {len(endpoints)}")
+        tick = self._clock(now) & _TICK_MASK
+        # n big-endian 64-bit values: 2 bytes of tick, then the 6-byte endpoint
+        rec = bytearray(8 * n)
+        rec[0::8] = bytes((tick >> 8,)) * n
+        rec[1::8] = bytes((tick & 0xFF,)) * n
+        for j in range(6):
+            rec[2 + j::8] = endpoints[j::6]
+        values = _words(n).unpack(rec)
+        d = self._d
+        before = len(d)
+        # pop key i, then set key i, then pop key i + 1...: one refresh at a time, so a key
+        # seen twice ends up where its last refresh puts it, as with upsert().
+        d.update(zip(keys, map(_first, zip(values, map(d.pop, keys, repeat(None))))))
+        new = len(d) - before
+        self.stats.inserted += new
+        self.stats.refreshed += n - new
+        ops, self._ops = self._ops, self._ops + n
+        if ops >> 6 != self._ops >> 6 and sys.getsizeof(d) != self._size:
+            self._resized()  # upsert() would have noticed it at its next 64th operation
 
     def oldest(self) -> bytes | None:
         """The least recently refreshed key (the next to be evicted)."""
