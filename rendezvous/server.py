@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import mmsg
+from .batch import ClassicBatch
 from .classic import format_endpoint, short_key
 from .service import Service
 
@@ -163,12 +164,14 @@ class Server:
             return reply
 
         handle = logged if self.options.verbose else self.service.handle
+        # Whole batches of classic requests in bulk (not when each request is logged).
+        bulk = None if self.options.verbose else ClassicBatch(self.service).handle
         clock = self.clock
 
         def read() -> None:
             # Bounded: after 16 full batches, give housekeeping and other sockets a turn.
             for _ in range(16):
-                n, _sent, failed = batch.exchange(fd, handle, clock())
+                n, _sent, failed = batch.exchange(fd, handle, clock(), bulk)
                 self.send_failed += failed
                 if n < batch.size:
                     return
