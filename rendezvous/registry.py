@@ -35,7 +35,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import repeat
-from operator import itemgetter
 
 __all__ = ["Registry", "RegistryStats"]
 
@@ -53,9 +52,6 @@ class RegistryStats:
     evicted: int = 0
     expired: int = 0
     compactions: int = 0
-
-
-_first = itemgetter(0)
 
 
 @lru_cache(maxsize=4096)
@@ -218,9 +214,14 @@ class Registry:
         values = _words(n).unpack(rec)
         d = self._d
         before = len(d)
-        # pop key i, then set key i, then pop key i + 1...: one refresh at a time, so a key
-        # seen twice ends up where its last refresh puts it, as with upsert().
-        d.update(zip(keys, map(_first, zip(values, map(d.pop, keys, repeat(None))))))
+        # What the upserts one by one leave: each key once, at the place of its last
+        # upsert, with that upsert's value. Keys last upserted latest come first here.
+        latest: dict[bytes, int] = {}
+        for _ in map(latest.setdefault, reversed(keys), reversed(values)):
+            pass
+        for _ in map(d.pop, latest, repeat(None)):
+            pass
+        d.update(reversed(latest.items()))
         new = len(d) - before
         self.stats.inserted += new
         self.stats.refreshed += n - new
@@ -241,9 +242,9 @@ class Registry:
                     return key
                 front.popleft()  # gone, or refreshed (moved to the back) since the snapshot
                 values.popleft()
-            for key in itertools.islice(d, max(64, len(d) >> 4)):
-                front.append(key)
-                values.append(d[key])
+            keys = list(itertools.islice(d, max(64, len(d) >> 4)))
+            front.extend(keys)
+            values.extend(map(d.__getitem__, keys))
 
     def _pop_oldest(self) -> None:
         key = self._peek_oldest()
@@ -252,9 +253,8 @@ class Registry:
         del self._d[key]
 
     def _resized(self) -> None:
-        """CPython resized the table; rebuild it sized for the live entries."""
+        """CPython resized the table; rebuild it sized for the live entries. The copy
+        holds the same value objects, so the snapshot of the oldest keys stays valid."""
         self._d = dict(self._d)
         self._size = sys.getsizeof(self._d)
-        self._front.clear()
-        self._front_values.clear()
         self.stats.compactions += 1
