@@ -20,10 +20,11 @@ declines (returns None) when any of these holds:
   the answer depends on which came first), including a self lookup;
 - the registry is not ready for a bulk update at ``now`` (an entry is stale, so a lookup
   or sweep would delete it; the clock jumped 3 ttl; a new key would need an eviction;
-  see :meth:`rendezvous.registry.Registry.bulk_ready`), or a looked-up entry stores the
-  value 0 (0.0.0.0:0 at tick 0), which the bulk lookup cannot tell from "absent";
+  see :meth:`rendezvous.registry.Registry.upsert_lookup_many`), or a looked-up entry
+  stores the value 0 (0.0.0.0:0 at tick 0), which the bulk lookup cannot tell from
+  "absent";
 - a source would be rate limited for any of its requests in the batch, or would need
-  the limiter's table to be swept (see :meth:`RateLimiter.allow_all`).
+  the limiter's table to be swept (see :meth:`RateLimiter.plan_all`).
 
 Internal bookkeeping that no caller can observe may differ: when the registry rebuilds
 its dict after CPython resized it (``stats.compactions``), and its oldest-key cache.
@@ -36,9 +37,9 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import repeat
+from typing import NamedTuple
 
 from .classic import KEY_LEN, REPLY_LEN, REQUEST_LEN, ZERO_KEY
 from .service import Service
@@ -49,20 +50,16 @@ _RECORD = 8  # one reply: a big-endian 64-bit word whose last 6 bytes are the en
 _FOUND_LEN = {0: 0}.get  # value -> reply length: 0 for an absent key (value 0), else 6
 
 
-@dataclass(frozen=True, slots=True)
-class PackedReplies:
+class PackedReplies(NamedTuple):
     """One reply per request: reply i is ``records[8 * i + 2:8 * i + 2 + lengths[i]]``,
     i.e. the 6-byte endpoint, or empty (not found); ``lengths`` None means all are 6."""
 
     records: bytes
     lengths: list[int] | None
 
-    def __len__(self) -> int:
-        return len(self.records) // _RECORD
-
     def replies(self) -> list[bytes]:
         """The replies as separate byte strings (for tests and slow paths)."""
-        lengths = self.lengths or [REPLY_LEN] * len(self)
+        lengths = self.lengths or [REPLY_LEN] * (len(self.records) // _RECORD)
         return [self.records[_RECORD * i + 2:_RECORD * i + 2 + n]
                 for i, n in enumerate(lengths)]
 
@@ -95,22 +92,21 @@ class ClassicBatch:
         svc = self.service
         mine_fmt, theirs_fmt, ips_fmt, words = _formats(n)
         mine = mine_fmt.unpack_from(requests)
-        theirs = theirs_fmt.unpack_from(requests)
         registering = set(mine)
-        if ZERO_KEY in registering or not registering.isdisjoint(theirs):
+        if ZERO_KEY in registering:
             return None
-        registry, limiter = svc.registry, svc.limiter
-        if not registry.bulk_ready(now, registering):
-            return None
-        got = registry.get_many(theirs)
+        limiter, plan = svc.limiter, None
+        if limiter.enabled:
+            plan = limiter.plan_all(Counter(ips_fmt.unpack_from(sources)), now)
+            if plan is None:
+                return None
+        got = svc.registry.upsert_lookup_many(mine, registering, sources,
+                                              theirs_fmt.unpack_from(requests), now)
         if got is None:
             return None
+        if plan is not None:
+            limiter.commit(plan)
         values, absent = got
-        # The last check also commits: the rate limiter charges every source or none.
-        if limiter.enabled and not limiter.allow_all(Counter(ips_fmt.unpack_from(sources)),
-                                                    now):
-            return None
-        registry.upsert_many(mine, sources, now)
         c = svc.counters
         c.requests += n
         c.found += n - absent

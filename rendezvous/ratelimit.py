@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["RateLimiter"]
+__all__ = ["Plan", "RateLimiter"]
+
+Plan = list[tuple[bytes, float]]
 
 
 class RateLimiter:
@@ -57,15 +59,15 @@ class RateLimiter:
         self._tat[source] = tat + self._interval
         return True
 
-    def allow_all(self, counts: Mapping[bytes, int], now: float) -> bool:
-        """All or nothing: if ``allow(source, now)`` would be true for every one of
-        ``counts[source]`` requests of every source, charge them all exactly as those
-        calls would (the same float additions, in the same order) and return True;
-        otherwise change nothing (not even ``limited``) and return False."""
+    def plan_all(self, counts: Mapping[bytes, int], now: float) -> Plan | None:
+        """If ``allow(source, now)`` would be true for every one of ``counts[source]``
+        requests of every source, the new bucket states those calls would leave (the
+        same float additions in the same order), to :meth:`commit`; else None. Also None
+        when the calls would sweep or clear the table on the way. Changes nothing."""
         if not self.enabled:
-            return True
+            return []
         get, interval, window = self._tat.get, self._interval, self._window
-        new: list[tuple[bytes, float]] = []
+        plan: Plan = []
         fresh = 0
         for source, count in counts.items():
             tat = get(source)
@@ -76,13 +78,16 @@ class RateLimiter:
                 tat = now
             for _ in range(count):
                 if tat - now > window:
-                    return False
+                    return None
                 tat += interval
-            new.append((source, tat))
+            plan.append((source, tat))
         if fresh and len(self._tat) + fresh > self._max_sources:
-            return False  # allow() would sweep or clear the table on the way
-        self._tat.update(new)
-        return True
+            return None
+        return plan
+
+    def commit(self, plan: Plan) -> None:
+        """Apply a plan from :meth:`plan_all` (nothing may have changed since)."""
+        self._tat.update(plan)
 
     def sweep(self, now: float) -> int:
         """Forget sources whose bucket is full again; return how many were forgotten."""

@@ -31,7 +31,7 @@ import itertools
 import struct
 import sys
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import repeat
@@ -52,6 +52,11 @@ class RegistryStats:
     evicted: int = 0
     expired: int = 0
     compactions: int = 0
+
+
+def _drain(iterator: Iterator[object]) -> None:
+    """Run ITERATOR to its end at C speed."""
+    deque(iterator, 0)
 
 
 @lru_cache(maxsize=4096)
@@ -157,53 +162,50 @@ class Registry:
 
     # ---- batches -----------------------------------------------------------------------
     #
-    # The three methods below let a caller apply many upserts and lookups at one ``now``
-    # with a few C-level passes instead of one Python call each. They are only correct
-    # when :meth:`bulk_ready` said so for that ``now``: then no entry is stale (so no
-    # lookup deletes anything and the periodic sweeps inside ``upsert`` find nothing),
-    # the clock does not jump far enough to empty the table, and the new keys fit without
-    # an eviction. Under those conditions ``upsert_many`` leaves exactly the dict (same
-    # keys, values and order) and counters that the same ``upsert`` calls one by one
-    # would, and ``get_many`` returns what ``lookup`` would for keys it does not write.
+    def upsert_lookup_many(self, keys: Sequence[bytes], distinct: Collection[bytes],
+                           endpoints: bytes | bytearray, lookups: Sequence[bytes],
+                           now: float) -> tuple[list[int], int] | None:
+        """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` then ``lookup(lookups[i],
+        now)`` for every i, in order, with a few C-level passes over all of them.
 
-    def bulk_ready(self, now: float, keys: Collection[bytes]) -> bool:
-        """Whether upserting the distinct KEYS and looking up any keys at NOW may be done
-        with :meth:`upsert_many` / :meth:`get_many`. Changes nothing."""
-        d = self._d
-        if not d:
-            return len(keys) <= self.max_peers
-        tick = max(int(now * self._per_second), self._now_tick)
-        if tick - self._now_tick >= 3 * _TICKS_PER_TTL:
-            return False  # _clock would forget every entry first
-        if (tick - (d[self._peek_oldest()] >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
-            return False  # some entry is stale; dict order is refresh order
-        if len(d) + len(keys) > self.max_peers:
-            new = len(keys) - sum(map(d.__contains__, keys))
-            if len(d) + new > self.max_peers:
-                return False  # upsert would evict
-        return True
+        DISTINCT is ``set(keys)``. Returns the looked-up values and how many were absent:
+        value i packed as a big-endian 64-bit word ends with the 6-byte endpoint lookup i
+        would return; an absent key gives 0. Returns None, having changed nothing, unless
+        the result (the dict's keys, values and order, the stats, the replies) is exactly
+        that of the calls one by one, i.e. unless all of these hold at NOW:
 
-    def get_many(self, keys: Sequence[bytes]) -> tuple[list[int], int] | None:
-        """The stored values of KEYS and how many are absent, or None when that cannot be
-        told from the values (an entry whose value is 0: endpoint 0.0.0.0:0 at tick 0).
+        - no key is both upserted and looked up (the order would matter);
+        - no entry is stale, so no lookup deletes one and the sweeps inside ``upsert``
+          find nothing (dict order is refresh order: checking the oldest is enough);
+        - the clock does not jump 3 ttl (which forgets every entry first);
+        - the new keys fit without an eviction;
+        - no looked-up entry stores the value 0 (0.0.0.0:0 at tick 0), which would read
+          as absent.
 
-        A value packed big-endian in 8 bytes ends with the 6-byte endpoint; an absent key
-        gives 0. Only after :meth:`bulk_ready` at the same ``now``."""
-        d = self._d
-        values = list(map(d.get, keys, repeat(0)))
-        absent = values.count(0)
-        if absent and len(keys) - sum(map(d.__contains__, keys)) != absent:
-            return None
-        return values, absent
-
-    def upsert_many(self, keys: Sequence[bytes], endpoints: bytes | bytearray,
-                    now: float) -> None:
-        """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` for every i, in order.
-        Only after :meth:`bulk_ready` at the same ``now`` for ``set(keys)``."""
+        Unobservable bookkeeping may differ: when the dict is rebuilt after CPython
+        resized it (``stats.compactions``), how many dead slots it holds.
+        """
         n = len(keys)
-        if len(endpoints) != 6 * n:
-            raise ValueError(f"endpoints must be {6 * n} bytes for {n} keys, "
-                             f"got {len(endpoints)}")
+        if len(endpoints) != 6 * n or len(lookups) != n:
+            raise ValueError(f"need 6 bytes of endpoint and one lookup per key: {n} keys, "
+                             f"{len(endpoints)} bytes, {len(lookups)} lookups")
+        d = self._d
+        if not distinct.isdisjoint(lookups):
+            return None
+        if d:
+            tick = max(int(now * self._per_second), self._now_tick)
+            if tick - self._now_tick >= 3 * _TICKS_PER_TTL:
+                return None
+            if (tick - (d[self._peek_oldest()] >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
+                return None
+        if len(d) + len(distinct) > self.max_peers:
+            if len(d) + len(distinct) - sum(map(d.__contains__, distinct)) > self.max_peers:
+                return None
+        found = list(map(d.get, lookups, repeat(0)))
+        absent = found.count(0)
+        if absent and n - sum(map(d.__contains__, lookups)) != absent:
+            return None
+
         tick = self._clock(now) & _TICK_MASK
         # n big-endian 64-bit values: 2 bytes of tick, then the 6-byte endpoint
         rec = bytearray(8 * n)
@@ -212,15 +214,12 @@ class Registry:
         for j in range(6):
             rec[2 + j::8] = endpoints[j::6]
         values = _words(n).unpack(rec)
-        d = self._d
         before = len(d)
         # What the upserts one by one leave: each key once, at the place of its last
         # upsert, with that upsert's value. Keys last upserted latest come first here.
         latest: dict[bytes, int] = {}
-        for _ in map(latest.setdefault, reversed(keys), reversed(values)):
-            pass
-        for _ in map(d.pop, latest, repeat(None)):
-            pass
+        _drain(map(latest.setdefault, reversed(keys), reversed(values)))
+        _drain(map(d.pop, latest, repeat(None)))
         d.update(reversed(latest.items()))
         new = len(d) - before
         self.stats.inserted += new
@@ -228,6 +227,7 @@ class Registry:
         ops, self._ops = self._ops, self._ops + n
         if ops >> 6 != self._ops >> 6 and sys.getsizeof(d) != self._size:
             self._resized()  # upsert() would have noticed it at its next 64th operation
+        return found, absent
 
     def oldest(self) -> bytes | None:
         """The least recently refreshed key (the next to be evicted)."""

@@ -40,8 +40,10 @@ def run(batcher: ClassicBatch, requests: list[bytes], sources: list[bytes],
     if res is None:
         assert state(batcher.service) == before, "declined but changed something"
         return one_by_one(batcher.service, requests, sources, now), False
-    assert isinstance(res, PackedReplies) and len(res) == len(requests)
-    return list(res.replies()), True
+    assert isinstance(res, PackedReplies)
+    replies = res.replies()
+    assert len(replies) == len(requests)
+    return list(replies), True
 
 
 class Scenario:
