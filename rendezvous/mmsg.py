@@ -80,6 +80,13 @@ class PackedReplies(Protocol):
 BulkHandler = Callable[[memoryview, bytearray, float], "PackedReplies | None"]
 
 HEAD = 64  # the first HEAD bytes of every datagram land back to back in Batch.head
+MIN_PIECE = 8  # shorter runs of 64-byte datagrams are not worth a bulk call
+
+
+def _unpack_replies(res: PackedReplies) -> list[bytes]:
+    records, n = res.records, len(res.records) // 8
+    lengths = res.lengths or [6] * n
+    return [records[8 * i + 2:8 * i + 2 + length] for i, length in enumerate(lengths)]
 
 
 class Batch:
@@ -227,7 +234,7 @@ class Batch:
             if res is not None:
                 sent, failed = self._send_packed(fd, n, res)
                 return n, sent, failed
-        return (n, *self._exchange_each(fd, n, lengths, handle, now))
+        return (n, *self._exchange_each(fd, n, lengths, handle, bulk, now))
 
     def _pktinfo_ok(self, n: int) -> bool:
         st = self._stride4
@@ -250,22 +257,61 @@ class Batch:
         return self._send(fd, n, self.fvec)
 
     def _exchange_each(self, fd: int, n: int, lengths: list[int], handle: Handler,
-                       now: float) -> tuple[int, int]:
+                       bulk: BulkHandler | None, now: float) -> tuple[int, int]:
+        """Answer a batch that is not all 64-byte requests, or that BULK declined: runs of
+        at least MIN_PIECE 64-byte datagrams still go to BULK (halved on a decline, so one
+        odd request does not cost the whole batch its bulk path), everything else to
+        HANDLE one datagram at a time, all in arrival order."""
+        replies: list[bytes | None] = []
+        sources = self.sources(n) if bulk is not None else bytearray()
+        i = 0
+        while i < n:
+            j = i
+            if bulk is not None:
+                while j < n and lengths[j] == HEAD:
+                    j += 1
+            if j - i >= MIN_PIECE and bulk is not None:
+                self._pieces(i, j, sources, handle, bulk, now, replies)
+                i = j
+                continue
+            for k in range(i, max(j, i + 1)):
+                replies.append(handle(self.datagram(k, lengths[k]), self._source(k), now))
+            i = max(j, i + 1)
+        return self._send_replies(fd, replies)
+
+    def _pieces(self, lo: int, hi: int, sources: bytearray, handle: Handler,
+                bulk: BulkHandler, now: float, replies: list[bytes | None]) -> None:
+        """Datagrams lo..hi-1, all 64 bytes: in bulk, else as two halves, else one by one."""
+        res = bulk(self._headv[lo * HEAD:hi * HEAD], sources[6 * lo:6 * hi], now)
+        if res is not None:
+            replies.extend(_unpack_replies(res))
+        elif hi - lo >= 2 * MIN_PIECE:
+            mid = (lo + hi) // 2
+            self._pieces(lo, mid, sources, handle, bulk, now, replies)
+            self._pieces(mid, hi, sources, handle, bulk, now, replies)
+        else:
+            for k in range(lo, hi):
+                replies.append(handle(self.datagram(k, HEAD), self._source(k), now))
+
+    def _source(self, i: int) -> bytes:
+        """The packed source of datagram I (4-byte IPv4 + 2-byte port)."""
+        noff = i * SOCKADDR_IN_LEN
+        return bytes(self.names[noff + 4:noff + 8]) + self.names[noff + 2:noff + 4]
+
+    def _send_replies(self, fd: int, replies: list[bytes | None]) -> tuple[int, int]:
+        """Send reply i (unless None) to datagram i's source, compacted into svec."""
         s8, st8, sname, = self._s8, self._stride8, self._s_name8
         siov8, ilen, ist = self._siov8, self._iov_len8, self._iov_stride8
-        names, out, bufsize = self.names, self.out, self.bufsize
+        out, bufsize = self.out, self.bufsize
         name_addr, pktinfo = self._name_addr, self.pktinfo
         j = 0
-        for i in range(n):
-            noff = i * SOCKADDR_IN_LEN
-            reply = handle(self.datagram(i, lengths[i]),
-                           bytes(names[noff + 4:noff + 8]) + names[noff + 2:noff + 4], now)
+        for i, reply in enumerate(replies):
             if reply is None:
                 continue
             ooff = j * bufsize
             out[ooff:ooff + len(reply)] = reply
             siov8[j * ist + ilen] = len(reply)
-            s8[j * st8 + sname] = name_addr + noff
+            s8[j * st8 + sname] = name_addr + i * SOCKADDR_IN_LEN
             if pktinfo:
                 self._reply_pktinfo(i, j)
             j += 1

@@ -162,3 +162,39 @@ def test_bulk_replies_leave_from_the_address_each_request_was_sent_to() -> None:
 def test_bad_bufsize() -> None:
     with pytest.raises(ValueError, match="bufsize must be more than 64"):
         mmsg.Batch(4, 64)
+
+
+def test_one_odd_datagram_does_not_cost_the_batch_its_bulk_path() -> None:
+    """A short datagram, and a pair of requests whose order matters, in batches of 64:
+    the runs around them still go through the bulk path, and every reply is right."""
+    server = open_socket("127.0.0.1", 0)
+    addr = server.getsockname()
+    config = Config(rate=0)
+    service, twin = Service(config), Service(config)
+    bulk = CountingBulk(service)
+    batch = mmsg.Batch(64, BUFSIZE)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind(("127.0.0.1", 0))
+    c.setblocking(False)
+    me, known = b"M" * 32, b"K" * 32
+    for s in (service, twin):
+        s.handle(known + me, bytes([198, 51, 100, 9, 0, 80]), 0.0)
+    try:
+        for odd in (b"short", me + me, b"A" * 32 + b"B" * 32):
+            # 64 datagrams: 30 plain, one odd, 32 plain, and B asking for A at the end
+            data = [me + known] * 30 + [odd] + [me + known] * 32 + [b"B" * 32 + b"A" * 32]
+            taken = bulk.taken
+            want = []
+            for d in data:
+                c.sendto(d, addr)
+                r = twin.handle(d, packed(c), 1.0)
+                if r is not None:
+                    want.append(r)
+            serve_all(batch, server.fileno(), Recorder(service), bulk, 1.0)
+            assert drain(c) == want
+            assert bulk.taken - taken >= 2, odd
+        assert service.snapshot() == twin.snapshot()
+        assert list(service.registry._d.items()) == list(twin.registry._d.items())
+    finally:
+        server.close()
+        c.close()
