@@ -73,8 +73,11 @@ Handler = Callable[[bytes, bytes, float], "bytes | None"]
 class PackedReplies(Protocol):
     """What a bulk handler returns (see :class:`rendezvous.batch.PackedReplies`)."""
 
-    records: bytes
-    lengths: list[int] | None
+    @property
+    def records(self) -> bytes: ...
+
+    @property
+    def lengths(self) -> list[int] | None: ...
 
 
 BulkHandler = Callable[[memoryview, bytearray, float], "PackedReplies | None"]

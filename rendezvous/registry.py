@@ -31,7 +31,8 @@ import itertools
 import struct
 import sys
 from collections import deque
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import repeat
@@ -162,7 +163,7 @@ class Registry:
 
     # ---- batches -----------------------------------------------------------------------
     #
-    def upsert_lookup_many(self, keys: Sequence[bytes], distinct: Collection[bytes],
+    def upsert_lookup_many(self, keys: Sequence[bytes], distinct: AbstractSet[bytes],
                            endpoints: bytes | bytearray, lookups: Sequence[bytes],
                            now: float) -> tuple[list[int], int] | None:
         """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` then ``lookup(lookups[i],
@@ -198,9 +199,9 @@ class Registry:
                 return None
             if (tick - (d[self._peek_oldest()] >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
                 return None
-        if len(d) + len(distinct) > self.max_peers:
-            if len(d) + len(distinct) - sum(map(d.__contains__, distinct)) > self.max_peers:
-                return None
+        if len(d) + len(distinct) > self.max_peers and (
+                len(d) + len(distinct) - sum(map(d.__contains__, distinct)) > self.max_peers):
+            return None  # a new key would need an eviction
         found = list(map(d.get, lookups, repeat(0)))
         absent = found.count(0)
         if absent and n - sum(map(d.__contains__, lookups)) != absent:

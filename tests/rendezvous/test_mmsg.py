@@ -60,7 +60,7 @@ def drain(sock: socket.socket) -> list[bytes]:
 def serve_all(batch: mmsg.Batch, fd: int, handle, bulk, now: float) -> int:
     total = 0
     while True:
-        n, sent, failed = batch.exchange(fd, handle, now, bulk)
+        n, _sent, failed = batch.exchange(fd, handle, now, bulk)
         assert failed == 0
         total += n
         if n == 0:
