@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from functools import lru_cache
 from itertools import repeat
 from typing import NamedTuple
 
@@ -64,13 +63,17 @@ class PackedReplies(NamedTuple):
                 for i, n in enumerate(lengths)]
 
 
-@lru_cache(maxsize=4096)
-def _formats(n: int) -> tuple[struct.Struct, struct.Struct, struct.Struct, struct.Struct]:
+_Formats = tuple[struct.Struct, struct.Struct, struct.Struct, struct.Struct]
+_FORMATS: dict[int, _Formats] = {}
+
+
+def _formats(n: int) -> _Formats:
     """For n requests: my keys, their keys, source IPs, n big-endian 64-bit words."""
-    return (struct.Struct(f"{KEY_LEN}s{KEY_LEN}x" * n),
-            struct.Struct(f"{KEY_LEN}x{KEY_LEN}s" * n),
-            struct.Struct("4s2x" * n),
-            struct.Struct(f">{n}Q"))
+    f = _FORMATS[n] = (struct.Struct(f"{KEY_LEN}s{KEY_LEN}x" * n),
+                       struct.Struct(f"{KEY_LEN}x{KEY_LEN}s" * n),
+                       struct.Struct("4s2x" * n),
+                       struct.Struct(f">{n}Q"))
+    return f
 
 
 class ClassicBatch:
@@ -90,7 +93,7 @@ class ClassicBatch:
         if not n:
             return PackedReplies(b"", None)
         svc = self.service
-        mine_fmt, theirs_fmt, ips_fmt, words = _formats(n)
+        mine_fmt, theirs_fmt, ips_fmt, words = _FORMATS.get(n) or _formats(n)
         mine = mine_fmt.unpack_from(requests)
         registering = set(mine)
         if ZERO_KEY in registering:

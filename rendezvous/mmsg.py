@@ -197,11 +197,6 @@ class Batch:
         self._used = n
         return n
 
-    def lengths(self, n: int) -> list[int]:
-        """The real lengths of the N datagrams the last :meth:`recv` got."""
-        st = self._stride4
-        return self._r4[self._msglen4:n * st:st].tolist()
-
     def datagram(self, i: int, length: int) -> bytes:
         """Datagram I of the last batch; one byte longer than the buffer if truncated."""
         off = i * HEAD
@@ -230,34 +225,32 @@ class Batch:
         n = self.recv(fd)
         if n == 0:
             return 0, 0, 0
-        lengths = self.lengths(n)
+        st = self._stride4
+        lengths = self._r4[self._msglen4:n * st:st].tolist()
         if bulk is not None and lengths.count(HEAD) == n and (
                 not self.pktinfo or self._pktinfo_ok(n)):
             res = bulk(self._headv[:n * HEAD], self.sources(n), now)
             if res is not None:
-                sent, failed = self._send_packed(fd, n, res)
+                self.packed[:8 * n] = res.records
+                fiov8 = self._fiov8
+                if res.lengths is None:
+                    if self._fast_sixes < n:
+                        fiov8[1:2 * n:2] = self._sixes[:n]
+                        self._fast_sixes = n
+                else:
+                    fiov8[1:2 * n:2] = array("Q", res.lengths)
+                    self._fast_sixes = 0
+                if self.pktinfo:  # reply from the request's destination: spec_dst = addr
+                    c4, end = self._c4, n * (CMSG_SPACE // 4)
+                    c4[4:end:8] = self._zeros[:n]  # any interface
+                    c4[5:end:8] = c4[6:end:8]
+                sent, failed = self._send(fd, n, self.fvec)
                 return n, sent, failed
         return (n, *self._exchange_each(fd, n, lengths, handle, bulk, now))
 
     def _pktinfo_ok(self, n: int) -> bool:
         st = self._stride4
         return self._r4[self._controllen4:n * st:st].tolist().count(CMSG_SPACE) == n
-
-    def _send_packed(self, fd: int, n: int, res: PackedReplies) -> tuple[int, int]:
-        self.packed[:8 * n] = res.records
-        fiov8 = self._fiov8
-        if res.lengths is None:
-            if self._fast_sixes < n:
-                fiov8[1:2 * n:2] = self._sixes[:n]
-                self._fast_sixes = n
-        else:
-            fiov8[1:2 * n:2] = array("Q", res.lengths)
-            self._fast_sixes = 0
-        if self.pktinfo:  # reply from the request's destination: spec_dst = addr, any ifindex
-            c4, end = self._c4, n * (CMSG_SPACE // 4)
-            c4[4:end:8] = self._zeros[:n]
-            c4[5:end:8] = c4[6:end:8]
-        return self._send(fd, n, self.fvec)
 
     def _exchange_each(self, fd: int, n: int, lengths: list[int], handle: Handler,
                        bulk: BulkHandler | None, now: float) -> tuple[int, int]:

@@ -31,10 +31,9 @@ import itertools
 import struct
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import repeat
 
 __all__ = ["Registry", "RegistryStats"]
@@ -55,15 +54,13 @@ class RegistryStats:
     compactions: int = 0
 
 
-def _drain(iterator: Iterator[object]) -> None:
-    """Run ITERATOR to its end at C speed."""
-    deque(iterator, 0)
+_WORDS: dict[int, struct.Struct] = {}
 
 
-@lru_cache(maxsize=4096)
 def _words(n: int) -> struct.Struct:
-    """n big-endian unsigned 64-bit words."""
-    return struct.Struct(f">{n}Q")
+    """n big-endian unsigned 64-bit words (cached)."""
+    w = _WORDS[n] = struct.Struct(f">{n}Q")
+    return w
 
 
 class Registry:
@@ -193,12 +190,16 @@ class Registry:
         d = self._d
         if not distinct.isdisjoint(lookups):
             return None
+        tick = max(int(now * self._per_second), self._now_tick)
         if d:
-            tick = max(int(now * self._per_second), self._now_tick)
             if tick - self._now_tick >= 3 * _TICKS_PER_TTL:
-                return None
-            if (tick - (d[self._peek_oldest()] >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
-                return None
+                return None  # _clock would forget every entry first
+            front = self._front
+            oldest = (d.get(front[0]) if front else None)
+            if oldest is None or oldest is not self._front_values[0]:
+                oldest = d[self._peek_oldest()]
+            if (tick - (oldest >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
+                return None  # an entry is stale; dict order is refresh order
         if len(d) + len(distinct) > self.max_peers and (
                 len(d) + len(distinct) - sum(map(d.__contains__, distinct)) > self.max_peers):
             return None  # a new key would need an eviction
@@ -207,20 +208,26 @@ class Registry:
         if absent and n - sum(map(d.__contains__, lookups)) != absent:
             return None
 
-        tick = self._clock(now) & _TICK_MASK
+        self._now_tick = tick  # what _clock(now) does when it forgets nothing
+        tick &= _TICK_MASK
         # n big-endian 64-bit values: 2 bytes of tick, then the 6-byte endpoint
         rec = bytearray(8 * n)
         rec[0::8] = bytes((tick >> 8,)) * n
         rec[1::8] = bytes((tick & 0xFF,)) * n
-        for j in range(6):
-            rec[2 + j::8] = endpoints[j::6]
-        values = _words(n).unpack(rec)
+        rec[2::8] = endpoints[0::6]
+        rec[3::8] = endpoints[1::6]
+        rec[4::8] = endpoints[2::6]
+        rec[5::8] = endpoints[3::6]
+        rec[6::8] = endpoints[4::6]
+        rec[7::8] = endpoints[5::6]
+        words = _WORDS.get(n) or _words(n)
+        values = words.unpack(rec)
         before = len(d)
         # What the upserts one by one leave: each key once, at the place of its last
         # upsert, with that upsert's value. Keys last upserted latest come first here.
         latest: dict[bytes, int] = {}
-        _drain(map(latest.setdefault, reversed(keys), reversed(values)))
-        _drain(map(d.pop, latest, repeat(None)))
+        deque(map(latest.setdefault, reversed(keys), reversed(values)), 0)
+        deque(map(d.pop, latest, repeat(None)), 0)
         d.update(reversed(latest.items()))
         new = len(d) - before
         self.stats.inserted += new
