@@ -3,7 +3,10 @@
 cffi runs in ABI mode (``dlopen`` of the C library; nothing is compiled at install).
 One ``Batch`` owns fixed buffers for up to ``size`` datagrams: their payloads, their
 ``sockaddr_in`` source addresses and, optionally, an ``IP_PKTINFO`` control message each
-so that a reply can leave from the address the request was sent to.
+so that a reply can leave from the address the request was sent to. The buffers are laid
+out so that a batch of 64-byte requests can be handed to a bulk handler
+(:class:`rendezvous.batch.ClassicBatch`) as two contiguous byte ranges, and its replies
+sent back with fixed send headers: see :class:`Batch`.
 
 Speed: cffi attribute access costs ~0.1-0.2 µs per field, which made per-datagram
 bookkeeping cost more than the protocol work. The kernel's ``struct mmsghdr`` arrays
