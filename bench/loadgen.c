@@ -241,10 +241,12 @@ static void register_keys(void)
 	free(which);
 }
 
-/* CPU seconds used so far by the watched server processes and by us */
-static double watched_cpu(void)
+/* CPU seconds used so far by the watched server processes (user + system; the
+ * system part alone in *sys) */
+static double watched_cpu(double *sys)
 {
 	double total = 0;
+	*sys = 0;
 	for (int i = 0; i < opt.nwatch; i++) {
 		char path[64], buf[1024];
 		snprintf(path, sizeof(path), "/proc/%d/stat", opt.watch[i]);
@@ -260,7 +262,10 @@ static double watched_cpu(void)
 		 * cminflt majflt cmajflt utime stime */
 		if (p && sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu",
 				&ut, &stt) == 2)
+		{
 			total += (double)(ut + stt) / sysconf(_SC_CLK_TCK);
+			*sys += (double)stt / sysconf(_SC_CLK_TCK);
+		}
 	}
 	return total;
 }
@@ -444,7 +449,7 @@ static void run_load(void)
 	measure_to = stop_at;
 	uint64_t next_expire = t0 + 50000000ULL, drain_until = 0;
 	int sending = 1, cpu_started = 0;
-	double srv_cpu0 = 0, lg_cpu0 = 0, srv_cpu = 0, lg_cpu = 0;
+	double srv_cpu0 = 0, lg_cpu0 = 0, srv_cpu = 0, lg_cpu = 0, srv_sys0 = 0, srv_sys = 0;
 	double m_busy0 = 0, m_irq0 = 0, m_busy = 0, m_irq = 0;
 	for (long j = 0; j < opt.sockets; j++)
 		refill(&socks[j], now_ns());
@@ -453,7 +458,7 @@ static void run_load(void)
 		uint64_t t = now_ns();
 		if (!cpu_started && t >= measure_from) {
 			cpu_started = 1;
-			srv_cpu0 = watched_cpu();
+			srv_cpu0 = watched_cpu(&srv_sys0);
 			lg_cpu0 = self_cpu();
 			machine_cpu(&m_busy0, &m_irq0);
 		}
@@ -463,7 +468,8 @@ static void run_load(void)
 			measure_to = t < measure_to ? t : measure_to;
 			drain_until = t + (uint64_t)(opt.timeout * 1e9);
 			if (cpu_started) {
-				srv_cpu = watched_cpu() - srv_cpu0;
+				srv_cpu = watched_cpu(&srv_sys) - srv_cpu0;
+				srv_sys -= srv_sys0;
 				lg_cpu = self_cpu() - lg_cpu0;
 				machine_cpu(&m_busy, &m_irq);
 				m_busy -= m_busy0;
@@ -516,11 +522,12 @@ static void run_load(void)
 	       "\"ok\": %llu, \"wrong\": %llu, \"lost\": %llu, \"measured\": %llu, "
 	       "\"seconds\": %.3f, \"reqps\": %.0f, \"p50_us\": %.1f, \"p99_us\": %.1f, "
 	       "\"p999_us\": %.1f, \"over_2s\": %llu, \"server_cpu\": %.3f, "
-	       "\"loadgen_cpu\": %.3f, \"machine_cpu\": %.3f, \"softirq_cpu\": %.3f}\n",
+	       "\"server_sys_cpu\": %.3f, \"loadgen_cpu\": %.3f, \"machine_cpu\": %.3f, \"softirq_cpu\": %.3f}\n",
 	       opt.keys, st.reg_ok, st.reg_lost, st.reg_wrong, st.reg_skipped, opt.sockets,
 	       opt.window, st.sent, st.ok, st.wrong, st.lost, st.measured, secs,
 	       secs > 0 ? st.measured / secs : 0.0, percentile(0.50), percentile(0.99),
 	       percentile(0.999), st.overflow_us, opt.nwatch && secs > 0 ? srv_cpu / secs : -1.0,
+	       opt.nwatch && secs > 0 ? srv_sys / secs : -1.0,
 	       secs > 0 ? lg_cpu / secs : 0.0, secs > 0 ? m_busy / secs : 0.0,
 	       secs > 0 ? m_irq / secs : 0.0);
 }

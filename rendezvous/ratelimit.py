@@ -10,7 +10,11 @@ forgotten. Pure: ``now`` comes from the caller.
 
 from __future__ import annotations
 
-__all__ = ["RateLimiter"]
+from collections.abc import Mapping
+
+__all__ = ["Plan", "RateLimiter"]
+
+Plan = list[tuple[bytes, float]]
 
 
 class RateLimiter:
@@ -54,6 +58,36 @@ class RateLimiter:
                 self._tat.clear()
         self._tat[source] = tat + self._interval
         return True
+
+    def plan_all(self, counts: Mapping[bytes, int], now: float) -> Plan | None:
+        """If ``allow(source, now)`` would be true for every one of ``counts[source]``
+        requests of every source, the new bucket states those calls would leave (the
+        same float additions in the same order), to :meth:`commit`; else None. Also None
+        when the calls would sweep or clear the table on the way. Changes nothing."""
+        if not self.enabled:
+            return []
+        get, interval, window = self._tat.get, self._interval, self._window
+        plan: Plan = []
+        fresh = 0
+        for source, count in counts.items():
+            tat = get(source)
+            if tat is None:
+                fresh += 1
+                tat = now
+            elif tat < now:
+                tat = now
+            for _ in range(count):
+                if tat - now > window:
+                    return None
+                tat += interval
+            plan.append((source, tat))
+        if fresh and len(self._tat) + fresh > self._max_sources:
+            return None
+        return plan
+
+    def commit(self, plan: Plan) -> None:
+        """Apply a plan from :meth:`plan_all` (nothing may have changed since)."""
+        self._tat.update(plan)
 
     def sweep(self, now: float) -> int:
         """Forget sources whose bucket is full again; return how many were forgotten."""

@@ -4,9 +4,12 @@ Pure: every call takes ``now`` (seconds, any monotonic clock) and does no I/O.
 
 Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured as RSS):
 - One ``dict`` maps the 32-byte key (an 80-byte object once pymalloc rounds it) to one
-  ``int`` packing the 6-byte endpoint and a 12-bit *tick*: the refresh time in units of
-  ttl/1024, modulo 4096. A 60-bit int takes 32 bytes; one more bit (or a tuple, or an
-  object) costs 16 to 60 bytes more per peer. Ages are computed modulo 4096 ticks, which
+  ``int`` packing a 12-bit *tick* (the refresh time in units of ttl/1024, modulo 4096)
+  above the 48-bit endpoint: ``tick << 48 | ip << 16 | port``. A 60-bit int takes 32
+  bytes; one more bit (or a tuple, or an object) costs 16 to 60 bytes more per peer.
+  The endpoint sits in the low bits so that a value packed as a big-endian 64-bit word
+  ends with the classic 6-byte reply: the batch path builds all its replies with one
+  ``struct.pack`` (see :meth:`Registry.get_many`). Ages are computed modulo 4096 ticks, which
   is exact while no entry outlives 4 x ttl unswept: :meth:`Registry.expire` must run
   regularly (the server calls it every loop, and upserts sweep a little too), and a
   registry left untouched for 3 x ttl forgets everything at once.
@@ -25,15 +28,21 @@ Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured a
 from __future__ import annotations
 
 import itertools
+import struct
 import sys
 from collections import deque
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from itertools import repeat
 
 __all__ = ["Registry", "RegistryStats"]
 
 _TICK_BITS = 12
 _TICK_MASK = (1 << _TICK_BITS) - 1
 _TICKS_PER_TTL = 1024  # ages up to 4 ttl are unambiguous modulo 4096
+_EP_BITS = 48  # the endpoint: 4-byte IPv4 + 2-byte port, big-endian, in the low bits
+_EP_MASK = (1 << _EP_BITS) - 1
 
 
 @dataclass
@@ -43,6 +52,15 @@ class RegistryStats:
     evicted: int = 0
     expired: int = 0
     compactions: int = 0
+
+
+_WORDS: dict[int, struct.Struct] = {}
+
+
+def _words(n: int) -> struct.Struct:
+    """n big-endian unsigned 64-bit words (cached)."""
+    w = _WORDS[n] = struct.Struct(f">{n}Q")
+    return w
 
 
 class Registry:
@@ -98,7 +116,7 @@ class Registry:
             if sys.getsizeof(d) != self._size:
                 self._resized()
                 d = self._d
-        value = (int.from_bytes(endpoint, "big") << _TICK_BITS) | (tick & _TICK_MASK)
+        value = ((tick & _TICK_MASK) << _EP_BITS) | int.from_bytes(endpoint, "big")
         if d.pop(key, None) is not None:
             self.stats.refreshed += 1
         else:
@@ -117,11 +135,11 @@ class Registry:
         value = self._d.get(key)
         if value is None:
             return None
-        if (tick - value) & _TICK_MASK >= _TICKS_PER_TTL:
+        if (tick - (value >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
             del self._d[key]
             self.stats.expired += 1
             return None
-        return (value >> _TICK_BITS).to_bytes(6, "big")
+        return (value & _EP_MASK).to_bytes(6, "big")
 
     def expire(self, now: float, budget: int | None = None) -> int:
         """Drop entries not refreshed for ``ttl`` seconds, oldest first; return how many."""
@@ -131,7 +149,7 @@ class Registry:
         n = 0
         while d and (budget is None or n < budget):
             key = self._peek_oldest()
-            if (tick - d[key]) & _TICK_MASK < _TICKS_PER_TTL:
+            if (tick - (d[key] >> _EP_BITS)) & _TICK_MASK < _TICKS_PER_TTL:
                 break
             self._front.popleft()
             self._front_values.popleft()
@@ -139,6 +157,85 @@ class Registry:
             n += 1
         self.stats.expired += n
         return self.stats.expired - before
+
+    # ---- batches -----------------------------------------------------------------------
+    #
+    def upsert_lookup_many(self, keys: Sequence[bytes], distinct: AbstractSet[bytes],
+                           endpoints: bytes | bytearray, lookups: Sequence[bytes],
+                           now: float) -> tuple[list[int], int] | None:
+        """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` then ``lookup(lookups[i],
+        now)`` for every i, in order, with a few C-level passes over all of them.
+
+        DISTINCT is ``set(keys)``. Returns the looked-up values and how many were absent:
+        value i packed as a big-endian 64-bit word ends with the 6-byte endpoint lookup i
+        would return; an absent key gives 0. Returns None, having changed nothing, unless
+        the result (the dict's keys, values and order, the stats, the replies) is exactly
+        that of the calls one by one, i.e. unless all of these hold at NOW:
+
+        - no key is both upserted and looked up (the order would matter);
+        - no entry is stale, so no lookup deletes one and the sweeps inside ``upsert``
+          find nothing (dict order is refresh order: checking the oldest is enough);
+        - the clock does not jump 3 ttl (which forgets every entry first);
+        - the new keys fit without an eviction;
+        - no looked-up entry stores the value 0 (0.0.0.0:0 at tick 0), which would read
+          as absent.
+
+        Unobservable bookkeeping may differ: when the dict is rebuilt after CPython
+        resized it (``stats.compactions``), how many dead slots it holds.
+        """
+        n = len(keys)
+        if len(endpoints) != 6 * n or len(lookups) != n:
+            raise ValueError(f"need 6 bytes of endpoint and one lookup per key: {n} keys, "
+                             f"{len(endpoints)} bytes, {len(lookups)} lookups")
+        d = self._d
+        if not distinct.isdisjoint(lookups):
+            return None
+        tick = max(int(now * self._per_second), self._now_tick)
+        if d:
+            if tick - self._now_tick >= 3 * _TICKS_PER_TTL:
+                return None  # _clock would forget every entry first
+            front = self._front
+            oldest = (d.get(front[0]) if front else None)
+            if oldest is None or oldest is not self._front_values[0]:
+                oldest = d[self._peek_oldest()]
+            if (tick - (oldest >> _EP_BITS)) & _TICK_MASK >= _TICKS_PER_TTL:
+                return None  # an entry is stale; dict order is refresh order
+        if len(d) + len(distinct) > self.max_peers and (
+                len(d) + len(distinct) - sum(map(d.__contains__, distinct)) > self.max_peers):
+            return None  # a new key would need an eviction
+        found = list(map(d.get, lookups, repeat(0)))
+        absent = found.count(0)
+        if absent and n - sum(map(d.__contains__, lookups)) != absent:
+            return None
+
+        self._now_tick = tick  # what _clock(now) does when it forgets nothing
+        tick &= _TICK_MASK
+        # n big-endian 64-bit values: 2 bytes of tick, then the 6-byte endpoint
+        rec = bytearray(8 * n)
+        rec[0::8] = bytes((tick >> 8,)) * n
+        rec[1::8] = bytes((tick & 0xFF,)) * n
+        rec[2::8] = endpoints[0::6]
+        rec[3::8] = endpoints[1::6]
+        rec[4::8] = endpoints[2::6]
+        rec[5::8] = endpoints[3::6]
+        rec[6::8] = endpoints[4::6]
+        rec[7::8] = endpoints[5::6]
+        words = _WORDS.get(n) or _words(n)
+        values = words.unpack(rec)
+        before = len(d)
+        # What the upserts one by one leave: each key once, at the place of its last
+        # upsert, with that upsert's value. Keys last upserted latest come first here.
+        latest: dict[bytes, int] = {}
+        deque(map(latest.setdefault, reversed(keys), reversed(values)), 0)
+        deque(map(d.pop, latest, repeat(None)), 0)
+        d.update(reversed(latest.items()))
+        new = len(d) - before
+        self.stats.inserted += new
+        self.stats.refreshed += n - new
+        ops, self._ops = self._ops, self._ops + n
+        if ops >> 6 != self._ops >> 6 and sys.getsizeof(d) != self._size:
+            self._resized()  # upsert() would have noticed it at its next 64th operation
+        return found, absent
 
     def oldest(self) -> bytes | None:
         """The least recently refreshed key (the next to be evicted)."""
@@ -153,9 +250,9 @@ class Registry:
                     return key
                 front.popleft()  # gone, or refreshed (moved to the back) since the snapshot
                 values.popleft()
-            for key in itertools.islice(d, max(64, len(d) >> 4)):
-                front.append(key)
-                values.append(d[key])
+            keys = list(itertools.islice(d, max(64, len(d) >> 4)))
+            front.extend(keys)
+            values.extend(map(d.__getitem__, keys))
 
     def _pop_oldest(self) -> None:
         key = self._peek_oldest()
@@ -164,9 +261,8 @@ class Registry:
         del self._d[key]
 
     def _resized(self) -> None:
-        """CPython resized the table; rebuild it sized for the live entries."""
+        """CPython resized the table; rebuild it sized for the live entries. The copy
+        holds the same value objects, so the snapshot of the oldest keys stays valid."""
         self._d = dict(self._d)
         self._size = sys.getsizeof(self._d)
-        self._front.clear()
-        self._front_values.clear()
         self.stats.compactions += 1

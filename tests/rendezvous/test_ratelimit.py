@@ -52,3 +52,40 @@ def test_bounded_memory_under_spoofed_flood():
 def test_bad_config(rate, burst):
     with pytest.raises(ValueError):
         RateLimiter(rate, burst)
+
+
+def test_plan_all_matches_allow_one_by_one():
+    """plan_all + commit leaves the same buckets as allow() per request, or changes
+    nothing when some request would be limited."""
+    import random
+    rng = random.Random(5)
+    srcs = [bytes([10, 0, 0, i]) for i in range(4)]
+    bulk, one = RateLimiter(rate=50, burst=6), RateLimiter(rate=50, burst=6)
+    now = 0.0
+    planned = refused = 0
+    for _ in range(3000):
+        now += rng.random() * 0.05
+        counts: dict[bytes, int] = {}
+        for _ in range(rng.randrange(1, 8)):
+            s = rng.choice(srcs)
+            counts[s] = counts.get(s, 0) + 1
+        before = dict(bulk._tat)
+        plan = bulk.plan_all(counts, now)
+        if plan is None:
+            refused += 1
+            assert bulk._tat == before and bulk.limited == 0
+            probe = RateLimiter(rate=50, burst=6)
+            probe._tat = dict(one._tat)
+            assert not all(probe.allow(s, now) for s, c in counts.items() for _ in range(c))
+            continue
+        planned += 1
+        bulk.commit(plan)
+        assert all(one.allow(s, now) for s, c in counts.items() for _ in range(c))
+        assert bulk._tat == one._tat
+    assert planned > 500 and refused > 100
+
+
+def test_plan_all_refuses_what_would_clear_the_table():
+    rl = RateLimiter(rate=10, burst=5, max_sources=2)
+    assert rl.plan_all({b"a": 1, b"b": 1}, 0.0) is not None
+    assert rl.plan_all({b"a": 1, b"b": 1, b"c": 1}, 0.0) is None
