@@ -58,6 +58,8 @@ class Options:
     server_key: bytes | None = None      # v2: the server's pinned public key
     families: tuple[int, ...] = (4, 6)   # v2: the address families to use
     observers: tuple[Observer, ...] = ()  # see punch.observe: state file, metrics
+    probe_port: int | None = None        # v2: the server's probe port (NAT verdict at start)
+    probe_address: str | None = None     # v2: the server's second (probe) address
 
 
 @dataclass

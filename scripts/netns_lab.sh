@@ -124,6 +124,9 @@ Environment:
   LAB_WG        auto (default: kernel WireGuard when 'ip link add type wireguard' works,
                 else wireguard-go), kernel, or userspace
   LAB_TIMEOUT   demo: seconds to wait for the tunnel (default 20)
+  LAB_PROBE_PORT  the server also answers NAT probes on this port (wg-rendezvous
+                --probe-port), and with --v2 wg-punch gets --probe-port: each side
+                measures its NAT and the server forwards the verdicts (wg-punch netcheck)
   PYTHON        interpreter for wg-rendezvous and wg-punch (default python3); both run
                 from this checkout ($REPO) via PYTHONPATH, without installing
   LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
@@ -707,12 +710,14 @@ server_argv() {
   [ "$IPV6" = 0 ] || [ "$V2" = 0 ] || SERVER_ARGV+=(--listen "$SRV_ADDR6")
   SERVER_ARGV+=(--port "$RDV_PORT" -v)
   [ "$V2" = 0 ] || SERVER_ARGV+=(--key "$S/server.key" --require-auth)
+  [ -z "${LAB_PROBE_PORT:-}" ] || SERVER_ARGV+=(--probe-port "$LAB_PROBE_PORT")
 }
 # punch_argv HOST: wg-punch as this lab runs it on HOST (in PUNCH_ARGV); options go first.
 punch_argv() {
   pyenv
   PUNCH_ARGV=("${PYENV[@]}" "$PYTHON" -m punch)
   [ "$V2" = 0 ] || PUNCH_ARGV+=(--server-key "$(cat "$S/server.pub")")
+  [ -z "${LAB_PROBE_PORT:-}" ] || [ "$V2" = 0 ] || PUNCH_ARGV+=(--probe-port "$LAB_PROBE_PORT")
   PUNCH_ARGV+=("$(rdv_for "$1")" wg0)
 }
 
