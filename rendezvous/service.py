@@ -183,11 +183,11 @@ class Service:
             "found": c.found,
             "not_found": c.not_found,
             **{f"dropped_{k}": v for k, v in c.dropped.items()},
+            "probes": c.probes,
+            "probe_refused": c.probe_refused,
             "rate_limited": self.limiter.limited,
             "evicted": r.evicted,
             "expired": r.expired,
             "peers": len(self.registry),
-            "probes": c.probes,
-            "probe_refused": c.probe_refused,
             **({f"v2_{k}": v for k, v in self.v2.snapshot().items()} if self.v2 else {}),
         }
