@@ -114,6 +114,16 @@ def _address_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {text!r}") from None
 
 
+def _spray_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"spray count must be 1..4096: {text!r}")
+    return value
+
+
 def _keepalive(text: str) -> int:
     try:
         value = int(text)
@@ -159,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-address", type=_address_arg, metavar="ADDR",
                    help="v2: the server's second address (wg-rendezvous --probe-address), "
                         "to tell address-dependent mappings apart too")
+    p.add_argument("--no-spray", dest="spray", action="store_false",
+                   help="v2: never spray (see --spray-count)")
+    p.add_argument("--spray-count", type=_spray_count, default=512, metavar="N",
+                   help="v2 with --probe-port: when this host's NAT is easy and a peer's "
+                        "is hard (symmetric), send N empty datagrams from WireGuard's port "
+                        "to the peer's reported address, ports centred on its reported "
+                        "port, so its handshake gets in from the port its NAT picks; once "
+                        "per endpoint applied (default 512, at most 4096)")
+    p.add_argument("--spray-rate", type=_positive, default=5000.0, metavar="R",
+                   help="at most R spray datagrams per second (default 5000)")
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
                      help="v2: reach the server over IPv4 only")
@@ -207,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    server_key=args.server_key,
                    families=(args.family,) if args.family else (4, 6),
                    probe_port=args.probe_port, probe_address=args.probe_address,
+                   spray=args.spray, spray_count=args.spray_count, spray_rate=args.spray_rate,
                    observers=observers)
     try:
         result = run(opts)

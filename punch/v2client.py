@@ -23,7 +23,7 @@ from .client import Client, Options, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
 from .machine import Punch
 from .netcheck import Verdict
-from .v2machine import PunchV2, Send
+from .v2machine import PunchV2, Send, Spray, SprayConfig
 
 if TYPE_CHECKING:
     from rendezvous.v2.crypto import ClientCrypto
@@ -48,6 +48,7 @@ class ClientV2(Client):
         self.malformed = 0
         self.nat_verdict: Verdict | None = None  # this host's (with --probe-port)
         self._told_nat: dict[bytes, int] = {}    # the peer verdicts logged so far
+        self.sprayed = 0                         # datagrams sent by sprays
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
@@ -88,8 +89,10 @@ class ClientV2(Client):
         if not self.channels:
             raise ServerUnreachable(f"no route to the server {self._server_text()}")
         # Only the families that opened are asked over.
+        spray = SprayConfig(opts.spray_count, opts.spray_rate) if opts.spray else None
         self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
-                               families=[c.family for c in self.channels], nat=nat)
+                               families=[c.family for c in self.channels], nat=nat,
+                               spray=spray)
 
     def _netcheck(self, device: Device) -> int:
         """Probe this host's NAT (over IPv4 when the server has an IPv4 address: that is
@@ -126,6 +129,7 @@ class ClientV2(Client):
                 f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
+                f"sprays={c.sprays} sprayed={self.sprayed} "
                 f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
 
     def _send_due(self, now: float) -> None:
@@ -188,6 +192,36 @@ class ClientV2(Client):
             theirs = NatVerdict.from_byte(st.peer_nat)
             log.info("peer %s: NAT %s; between us: %s", short_key(key), theirs,
                      pair_advice(mine, theirs), extra=peer_fields(key, nat=theirs.token))
+
+    def apply(self, action: object) -> None:  # type: ignore[override]
+        if isinstance(action, Spray):
+            self._spray(action)
+        else:
+            super().apply(action)  # type: ignore[arg-type]
+
+    def _spray(self, spray: Spray) -> None:
+        """Send the spray's empty datagrams from WireGuard's port, paced to its rate (a
+        burst of at most count/rate seconds: 0.1 s by default)."""
+        channel = self._channel_for(spray.ip)
+        if channel is None:
+            return
+        chunk = max(1, int(spray.rate / 100))
+        start = time.monotonic()
+        sent = 0
+        for i, port in enumerate(spray.ports):
+            if i and i % chunk == 0:
+                delay = start + i / spray.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            if channel.send((spray.ip, port), b""):
+                sent += 1
+        self.sprayed += sent
+        ports = spray.ports
+        log.info("peer %s: its NAT is hard and ours easy: sprayed %d empty datagrams to %s "
+                 "ports %d-%d in %.0f ms, so its handshake gets through our NAT",
+                 short_key(spray.peer), sent, spray.ip, ports.start, ports.stop - 1,
+                 (time.monotonic() - start) * 1000,
+                 extra=peer_fields(spray.peer, spray.ip, sprayed=sent))
 
     def _silent(self) -> str:
         port = next(iter(self.servers.values()))[1]

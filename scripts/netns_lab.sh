@@ -124,6 +124,9 @@ Environment:
   LAB_WG        auto (default: kernel WireGuard when 'ip link add type wireguard' works,
                 else wireguard-go), kernel, or userspace
   LAB_TIMEOUT   demo: seconds to wait for the tunnel (default 20)
+  LAB_SYM_PORTS   up: a symmetric NAT maps UDP into this port block only (LO-HI, e.g.
+                40000-40255), like a port-block-allocating CGNAT (RFC 7422): what the
+                spray needs to reach it (without it: any port 1024-65535)
   LAB_PROBE_PORT  the server also answers NAT probes on this port (wg-rendezvous
                 --probe-port), and with --v2 wg-punch gets --probe-port: each side
                 measures its NAT and the server forwards the verdicts (wg-punch netcheck)
@@ -295,6 +298,10 @@ link() {
 nat_ruleset() {
   local mode=$1 masq='oifname "wan" masquerade'
   [ "$mode" = symmetric ] && masq='oifname "wan" masquerade fully-random'
+  # LAB_SYM_PORTS=LO-HI: the symmetric NAT allocates UDP ports from that block only, as
+  # port-block-allocating CGNATs do (RFC 7422); still a random port per destination
+  [ "$mode" = symmetric ] && [ -n "${LAB_SYM_PORTS:-}" ] &&
+    masq="oifname \"wan\" meta l4proto udp masquerade to :$LAB_SYM_PORTS fully-random; $masq"
   [ "$mode" = fw6 ] && masq='# fw6: nothing to masquerade (no IPv4 leaves the LAN)'
   cat <<EOF
 table ip wgpunch_lab {
