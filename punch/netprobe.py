@@ -181,7 +181,7 @@ def _fmt(a: Addr | None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _port_arg, _server_key
+    from .cli import _address_arg, _port_arg, _server_key
 
     p = argparse.ArgumentParser(
         prog="wg-punch netcheck",
@@ -201,13 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe with protocol v2 (the server's public key); else classic")
     p.add_argument("--probe-port", type=_port_arg, metavar="PORT",
                    help="the server's --probe-port (default: the server's port + 1)")
-    p.add_argument("--probe-address", metavar="ADDR",
-                   help="the server's --probe-address, to tell address-dependent mappings")
+    p.add_argument("--probe-address", metavar="ADDR", type=_address_arg,
+                   help="the server's --probe-address, to tell address-dependent mappings "
+                        "apart too")
     p.add_argument("--timeout", type=float, default=1.5, metavar="S",
                    help="give up on a probe after S seconds (default 1.5)")
     fam = p.add_mutually_exclusive_group()
-    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4)
-    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6)
+    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
+                     help="v2: probe over IPv4 only")
+    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
+                     help="v2: probe over IPv6 only")
     return p
 
 

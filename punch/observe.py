@@ -87,6 +87,14 @@ def build_state(machine: Punch, *, interface: str, pid: int, daemon: bool, serve
         peers={k: _record(st, to_wall) for k, st in machine.peers.items()}, nat=nat)
 
 
+def _progress(client: Client) -> tuple[object, ...]:
+    """What the state file shows changes when this does (v2: peers' verdicts too)."""
+    m = client.machine
+    c = m.counters
+    nats = tuple(getattr(st, "peer_nat", 0) for st in m.peers.values())
+    return (c.sent, c.replies, c.lost, c.applied, len(m.peers), nats)
+
+
 class StateWriter(Observer):
     """Keep DIRECTORY/INTERFACE.json current: on change (at most every MIN_GAP seconds),
     at least every HEARTBEAT seconds, and once more at the end."""
@@ -99,7 +107,7 @@ class StateWriter(Observer):
         self.path: Path | None = None
         self._started = time.time()
         self._last_write = float("-inf")
-        self._last_seen: tuple[int, ...] | None = None
+        self._last_seen: tuple[object, ...] | None = None
         self._failed = False
 
     def opened(self, client: Client) -> None:
@@ -110,8 +118,7 @@ class StateWriter(Observer):
     def tick(self, client: Client, now: float) -> None:
         if self.path is None:
             return
-        c = client.machine.counters
-        seen = (c.sent, c.replies, c.lost, c.applied, len(client.machine.peers))
+        seen = _progress(client)
         if seen == self._last_seen and now - self._last_write < self.heartbeat:
             return
         if now - self._last_write < self.min_gap:
@@ -124,8 +131,7 @@ class StateWriter(Observer):
 
     def _write(self, client: Client, now: float, ended: bool = False) -> None:
         assert self.path is not None
-        c = client.machine.counters
-        self._last_seen = (c.sent, c.replies, c.lost, c.applied, len(client.machine.peers))
+        self._last_seen = _progress(client)
         self._last_write = now
         server = client.channel.server if client.channel is not None else None
         state = build_state(

@@ -113,8 +113,14 @@ def test_v2_clients_exchange_their_verdicts(make_lab, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, metrics
         time.sleep(0.3)
     assert 'wgpunch_punch_local_nat_verdict{verdict="address-and-port-dependent"} 1.0' in metrics
-    a_status = json.loads(lab.run("alice", [sys.executable, "-m", "punch", "status", "wg0",
-                                            "--json", "--state-dir", str(dirs["alice"])]).stdout)
+    # The daemon writes its state file at most once a second: wait for the write.
+    while True:
+        a_status = json.loads(lab.run("alice", [sys.executable, "-m", "punch", "status", "wg0",
+                                                "--json", "--state-dir",
+                                                str(dirs["alice"])]).stdout)
+        if a_status["peers"][0]["nat"] != "unknown" or time.monotonic() > deadline + 5:
+            break
+        time.sleep(0.3)
     assert a_status["state"]["nat"] == "address-and-port-dependent"
     assert a_status["peers"][0]["nat"] == "endpoint-independent+port-preserved"
     _, a_err = lab.stop(alice)

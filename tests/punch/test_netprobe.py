@@ -83,5 +83,7 @@ def test_errors_are_one_line_with_the_main_command_s_statuses(ns):
     assert r.returncode == 2 and "-6 needs --server-key" in r.stderr
     r = punch(ns, "netcheck", "--probe-port", "70000", "127.0.0.1", "wg0")
     assert r.returncode == 2 and "not a UDP port (1-65535): '70000'" in r.stderr
+    r = punch(ns, "netcheck", "--probe-address", "foo", "127.0.0.1", "wg0")
+    assert r.returncode == 2 and "not an IPv4 or IPv6 address: 'foo'" in r.stderr
     r = punch(ns, "--probe-port", "49919", "127.0.0.1", "wg0")
     assert r.returncode == 2 and "--probe-port needs --server-key" in r.stderr
