@@ -40,7 +40,7 @@ datagrams from WireGuard's port to the peer's reported address, over a window of
 accepts the peer's handshake from whichever port its NAT picks for us, if that port is
 in the window (port-block-allocating NATs keep a host's ports in one block, RFC 7422);
 the peer's WireGuard initiates to our known endpoint and ours follows it (roaming).
-Once per endpoint applied; only ever toward the address the server reported; never when
+Once per endpoint applied (kept endpoints are not sprayed for); only ever toward the address the server reported; never when
 either verdict is unknown; off with ``spray=None``. The hard side, for its part, waits
 ``spray_hold`` seconds before it applies the easy peer's endpoint (its WireGuard then
 initiates at once), so that its first handshake arrives after the peer's spray rather
@@ -520,10 +520,11 @@ class PunchV2:
         return until if now < until else None
 
     def _spray(self, st: PeerState, endpoint: Endpoint) -> Spray | None:
-        """A Spray toward ENDPOINT's address if we are easy, the peer is hard, and we
-        have not sprayed around this endpoint yet."""
+        """A Spray toward ENDPOINT's address if we are easy and the peer is hard. Called
+        for each endpoint applied (a kept one is not), so a peer re-applied because it
+        looked dead is sprayed for again: its NAT has long forgotten the old mappings."""
         cfg = self.spray
-        if cfg is None or endpoint.family != 4 or st.sprayed == endpoint:
+        if cfg is None or endpoint.family != 4:
             return None
         mine = NatVerdict.from_byte(self.nat).mapping.easy
         theirs = NatVerdict.from_byte(st.peer_nat).mapping.easy

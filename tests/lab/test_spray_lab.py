@@ -106,3 +106,23 @@ def test_without_the_spray_no_direct_tunnel(make_lab, tmp_path) -> None:
     for p in (a, b):
         p.communicate(timeout=30)
         assert p.returncode == 8  # no handshake
+
+
+def test_daemons_keep_the_sprayed_tunnel_across_re_asks(make_lab, tmp_path) -> None:
+    """--daemon on both sides: the server keeps reporting the hard side's registered
+    port, while the easy side's WireGuard has roamed to the port the hard NAT picked for
+    it; re-asking must keep the roamed endpoint (the tunnel works), not undo it."""
+    lab = make_lab("symmetric", "cone", v2=True, probe_port=PROBE_PORT,
+                   sym_ports=f"{BLOCK[0]}-{BLOCK[1]}")
+    lab.start_server()
+    a = lab.punch("alice", "--daemon", "--interval", "2", "--state-dir", str(tmp_path / "a"))
+    time.sleep(0.3)
+    b = lab.punch("bob", "--daemon", "--interval", "2", "--state-dir", str(tmp_path / "b"))
+    assert lab.wait_handshake("alice", LIMIT) and lab.wait_handshake("bob", LIMIT)
+    roamed = lab.endpoint("bob")
+    time.sleep(5)  # two and a half intervals: each side re-asked a few times
+    assert lab.endpoint("bob") == roamed and lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
+    assert lab.ping("alice", lab.info["BOB_TUN"]) and lab.ping("bob", lab.info["ALICE_TUN"])
+    _, b_err = lab.stop(b)
+    lab.stop(a)
+    assert b_err.count("sprayed 512 empty datagrams") == 1, b_err

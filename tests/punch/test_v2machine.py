@@ -506,6 +506,7 @@ def test_easy_side_sprays_once_around_the_hard_peer_s_port():
         WALL + 1, P1, (A4,), peer_nat=HARD), 4))
     out = m.on_notify(0.3, NotifyBody(WALL + 2, P1, (A4B,), peer_nat=HARD), 4)
     assert [type(a) for a in out] == [Apply, Spray] and out[1].ports.start == A4B.port - 50
+    assert m.peers[P1].sprayed == A4B and m.counters.sprays == 2
 
 
 @pytest.mark.parametrize(("mine", "theirs"), [
