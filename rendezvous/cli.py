@@ -230,9 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe_port is not None:
         if args.probe_port == args.port and args.port != 0:
             return _fail(f"--probe-port must differ from --port ({args.port})")
-        probe = [(a, args.probe_port) for a in (args.listen or ["0.0.0.0", "::"])]
+        addrs = args.listen or ["0.0.0.0", "::"]
+        probe = [(a, args.probe_port) for a in addrs]
+        # A wildcard of the address's family already answers there (and replies from it).
         probe += [(a, args.probe_port) for a in args.probe_address or ()
-                  if (a, args.probe_port) not in probe]
+                  if a not in addrs and ("::" if ":" in a else "0.0.0.0") not in addrs]
     config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
                     classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
                     notify_burst=args.notify_burst)

@@ -185,6 +185,19 @@ def test_probe_port_answers_self_lookups_and_registers_nothing(io):
     assert rc == 0 and "probes=2" in log and "probe_refused=1" in log, log
 
 
+def test_probe_address_under_a_wildcard_is_served_by_the_wildcard():
+    s = RunningServer("--rate", "0", "--probe-port", "0", "--probe-address", "127.0.0.2")
+    try:
+        probes = _probe_ports(s)
+        assert probes[0][0] == "0.0.0.0"
+        c = client()
+        c.connect(("127.0.0.2", probes[0][1]))
+        c.send(A + A)
+        assert c.recv(64) == packed(c)  # answered from the address it was sent to
+    finally:
+        assert s.finish()[0] == 0
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--probe-address", "127.0.0.2"], "--probe-address needs --probe-port PORT"),
     (["--port", "4000", "--probe-port", "4000"], "--probe-port must differ from --port (4000)"),
