@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing is registered there (0 picks a free port)")
     p.add_argument("--probe-address", metavar="ADDR", action="append", type=_address,
                    help="a second local address that also answers on --probe-port, so "
-                        "clients can tell address-dependent mappings too; repeatable")
+                        "clients can tell address-dependent mappings too (a wildcard "
+                        "--listen of its family already covers it); repeatable")
     p.add_argument("--ttl", type=_nonneg(float), default=180.0, metavar="S",
                    help="forget a key not refreshed for S seconds, and (v2) a request for a "
                         "peer not repeated for S seconds (default 180)")
