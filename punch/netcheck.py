@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from rendezvous.nat import Mapping, NatVerdict
 
-__all__ = ["Addr", "Observations", "Verdict", "decide", "pair_advice", "advice"]
+__all__ = ["Addr", "Observations", "Verdict", "advice", "decide", "pair_advice"]
 
 Addr = tuple[str, int]  # (ip text, port)
 
@@ -97,7 +97,7 @@ def decide(obs: Observations) -> Verdict:
                        f"the server saw {_fmt(primary)} on its port and {_fmt(other_port)} on "
                        "its probe port: a new mapping per destination port")
     compared = obs.address_probed and other_addr is not None
-    if compared and other_addr != other_port:
+    if other_addr is not None and compared and other_addr != other_port:
         return Verdict(NatVerdict(Mapping.ADDRESS_DEPENDENT, preserved), primary, True,
                        f"the server saw {_fmt(other_port)} at one address and "
                        f"{_fmt(other_addr)} at the other: a new mapping per destination "

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
-__all__ = ["Mapping", "NatVerdict", "PORT_PRESERVED", "UNKNOWN", "nat_name"]
+__all__ = ["PORT_PRESERVED", "UNKNOWN", "Mapping", "NatVerdict", "nat_name"]
 
 PORT_PRESERVED = 0x10
 _MAPPING_MASK = 0x0F
