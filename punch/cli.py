@@ -51,7 +51,12 @@ examples:
   wg-punch --server-key KEY -6 '[2001:db8::7]:49918' wg0
                                            v2 over IPv6 only
   wg-punch status wg0 [--json]             per peer: endpoint, where it came from,
-                                           handshake, last server answer (no SERVER)
+                                           handshake, last server answer, NAT verdicts
+  wg-punch netcheck SERVER wg0 [--json] [--server-key KEY] [--probe-port P]
+                                           how this host's NAT maps WireGuard's port
+                                           (needs wg-rendezvous --probe-port)
+  wg-punch --server-key KEY --probe-port 49919 --daemon SERVER wg0
+                                           ... and tell the peers the verdict
 
 exit status:
   0 every endpoint applied (and, with --wait, every handshake seen)
@@ -87,6 +92,35 @@ def _positive(text: str) -> float:
         value = -1
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _port_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a UDP port (1-65535): {text!r}")
+    return value
+
+
+def _address_arg(text: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IPv4 or IPv6 address: {text!r}") from None
+
+
+def _spray_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"spray count must be 1..4096: {text!r}")
     return value
 
 
@@ -128,6 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-key", type=_server_key, metavar="KEY",
                    help="speak protocol v2 to a server with this public key (base64, what "
                         "`wg-rendezvous pubkey` prints); without it, the classic protocol")
+    p.add_argument("--probe-port", type=_port_arg, metavar="PORT",
+                   help="v2: the server's probe port (wg-rendezvous --probe-port): at start, "
+                        "detect this host's NAT behaviour as `wg-punch netcheck` does and "
+                        "send the verdict to the peers through the server")
+    p.add_argument("--probe-address", type=_address_arg, metavar="ADDR",
+                   help="v2: the server's second address (wg-rendezvous --probe-address), "
+                        "to tell address-dependent mappings apart too")
+    p.add_argument("--no-spray", dest="spray", action="store_false",
+                   help="v2: never spray (see --spray-count)")
+    p.add_argument("--spray-count", type=_spray_count, default=512, metavar="N",
+                   help="v2 with --probe-port: when this host's NAT is easy and a peer's "
+                        "is hard (symmetric), send N empty datagrams from WireGuard's port "
+                        "to the peer's reported address, ports centred on its reported "
+                        "port, so its handshake gets in from the port its NAT picks; once "
+                        "per endpoint applied (default 512, at most 4096)")
+    p.add_argument("--spray-rate", type=_positive, default=5000.0, metavar="R",
+                   help="at most R spray datagrams per second (default 5000)")
     fam = p.add_mutually_exclusive_group()
     fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
                      help="v2: reach the server over IPv4 only")
@@ -146,10 +197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .status import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["netcheck"]:  # wg-punch netcheck SERVER INTERFACE
+        from .netprobe import main as netcheck_main
+
+        return netcheck_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.family == 6 and args.server_key is None:
         parser.error("-6/--ipv6-only needs --server-key (the classic protocol is IPv4 only)")
+    if args.probe_port is None and args.probe_address is not None:
+        parser.error("--probe-address needs --probe-port")
+    if args.probe_port is not None and args.server_key is None:
+        parser.error("--probe-port needs --server-key (NAT verdicts are exchanged over v2; "
+                     "`wg-punch netcheck` probes over classic too)")
     logsetup.configure(args.log_format, args.verbose)
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # -v is about wg-punch's traffic
     from .client import Options, run
@@ -166,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    peers=frozenset(args.peer) if args.peer else None, timing=timing,
                    server_key=args.server_key,
                    families=(args.family,) if args.family else (4, 6),
+                   probe_port=args.probe_port, probe_address=args.probe_address,
+                   spray=args.spray, spray_count=args.spray_count, spray_rate=args.spray_rate,
                    observers=observers)
     try:
         result = run(opts)

@@ -58,6 +58,11 @@ class Options:
     server_key: bytes | None = None      # v2: the server's pinned public key
     families: tuple[int, ...] = (4, 6)   # v2: the address families to use
     observers: tuple[Observer, ...] = ()  # see punch.observe: state file, metrics
+    probe_port: int | None = None        # v2: the server's probe port (NAT verdict at start)
+    probe_address: str | None = None     # v2: the server's second (probe) address
+    spray: bool = True                   # v2: spray toward a hard peer when we are easy
+    spray_count: int = 512               # ... that many ports (and datagrams)
+    spray_rate: float = 5000.0           # ... at most that many a second
 
 
 @dataclass

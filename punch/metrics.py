@@ -10,8 +10,11 @@ Metrics (``wgpunch_punch_*``): ``requests_total``, ``replies_total``, ``lost_tot
 ``late_total``, ``malformed_total``, ``endpoints_applied_total``,
 ``ignored_packets_total``, ``peers``, ``handshake_age_seconds{peer}`` (peers with a
 handshake only), ``server_last_reply_age_seconds`` (once the server has answered),
-``nat_verdict{peer,verdict}`` (1 for the current verdict; "unknown" until v2 measures
-it). ``peer`` is the short key, as in the logs.
+``nat_verdict{peer,verdict}`` (1 for the peer's current verdict, as the v2 server
+forwarded it; "unknown" until then, and always with the classic protocol),
+``local_nat_verdict{verdict}`` (this host's, measured with ``--probe-port``; "unknown"
+otherwise). Verdicts are the tokens of :mod:`rendezvous.nat`. ``peer`` is the short key,
+as in the logs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from rendezvous.classic import short_key
 from rendezvous.metrics import Exporter, start_exporter
+from rendezvous.nat import nat_name
 
 from .observe import Observer
 
@@ -78,9 +82,18 @@ class ClientCollector:
         for p in peers:
             if p.last_handshake:
                 age.add_metric([short_key(p.public_key)], max(0.0, wall - p.last_handshake))
-            nat.add_metric([short_key(p.public_key), "unknown"], 1)
+            st = machine.peers.get(p.public_key)
+            nat.add_metric([short_key(p.public_key),
+                            nat_name(getattr(st, "peer_nat", 0)) if st is not None
+                            else "unknown"], 1)
         yield age
         yield nat
+        own = getattr(client, "nat_verdict", None)
+        local = GaugeMetricFamily(PREFIX + "local_nat_verdict",
+                                  "This host's NAT verdict (1 for the current one).",
+                                  labels=["verdict"])
+        local.add_metric([own.nat.token if own is not None else "unknown"], 1)
+        yield local
         last = getattr(client, "last_reply", None)
         if machine.replied and last is not None:
             yield GaugeMetricFamily(PREFIX + "server_last_reply_age_seconds",

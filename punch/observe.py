@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rendezvous.nat import nat_name
+
 from .machine import PeerState, Punch, Status
 from .statefile import (
     DEFAULT_DIR,
@@ -66,12 +68,13 @@ def _record(st: PeerState, to_wall: Callable[[float], float]) -> PeerRecord:
         answered_at=to_wall(answered_at) if answered_at is not None else None,
         applied=str(st.applied) if st.applied is not None else None,
         applied_at=to_wall(st.applied_at) if st.applied_at is not None else None,
+        nat=nat_name(getattr(st, "peer_nat", 0)),  # v2 only; classic peers are unknown
     )
 
 
 def build_state(machine: Punch, *, interface: str, pid: int, daemon: bool, server: str,
                 started: float, last_reply: float | None, mono_now: float, wall_now: float,
-                ended: bool = False) -> InterfaceState:
+                ended: bool = False, nat: str = "unknown") -> InterfaceState:
     """The state file's contents from MACHINE; monotonic times become unix times.
 
     STARTED is already unix time; LAST_REPLY is monotonic (None: no reply yet).
@@ -83,7 +86,15 @@ def build_state(machine: Punch, *, interface: str, pid: int, daemon: bool, serve
         interface=interface, pid=pid, mode="daemon" if daemon else "once", server=server,
         started=started, updated=round(wall_now, 3), ended=round(wall_now, 3) if ended else None,
         last_reply=to_wall(last_reply) if last_reply is not None else None,
-        peers={k: _record(st, to_wall) for k, st in machine.peers.items()})
+        peers={k: _record(st, to_wall) for k, st in machine.peers.items()}, nat=nat)
+
+
+def _progress(client: Client) -> tuple[object, ...]:
+    """What the state file shows changes when this does (v2: peers' verdicts too)."""
+    m = client.machine
+    c = m.counters
+    nats = tuple(getattr(st, "peer_nat", 0) for st in m.peers.values())
+    return (c.sent, c.replies, c.lost, c.applied, len(m.peers), nats)
 
 
 class StateWriter(Observer):
@@ -98,7 +109,7 @@ class StateWriter(Observer):
         self.path: Path | None = None
         self._started = time.time()
         self._last_write = float("-inf")
-        self._last_seen: tuple[int, ...] | None = None
+        self._last_seen: tuple[object, ...] | None = None
         self._failed = False
 
     def opened(self, client: Client) -> None:
@@ -109,8 +120,7 @@ class StateWriter(Observer):
     def tick(self, client: Client, now: float) -> None:
         if self.path is None:
             return
-        c = client.machine.counters
-        seen = (c.sent, c.replies, c.lost, c.applied, len(client.machine.peers))
+        seen = _progress(client)
         if seen == self._last_seen and now - self._last_write < self.heartbeat:
             return
         if now - self._last_write < self.min_gap:
@@ -123,8 +133,7 @@ class StateWriter(Observer):
 
     def _write(self, client: Client, now: float, ended: bool = False) -> None:
         assert self.path is not None
-        c = client.machine.counters
-        self._last_seen = (c.sent, c.replies, c.lost, c.applied, len(client.machine.peers))
+        self._last_seen = _progress(client)
         self._last_write = now
         server = client.channel.server if client.channel is not None else None
         state = build_state(
@@ -133,7 +142,7 @@ class StateWriter(Observer):
             server=f"{server[0]}:{server[1]}" if server else client.opts.server,
             started=round(self._started, 3),
             last_reply=getattr(client, "last_reply", None) if client.machine.replied else None,
-            mono_now=now, wall_now=time.time(), ended=ended)
+            mono_now=now, wall_now=time.time(), ended=ended, nat=_own_nat(client))
         try:
             write_atomic(self.path, encode(state))
         except OSError as e:
@@ -143,6 +152,11 @@ class StateWriter(Observer):
                 self._failed = True
             return
         self._failed = False
+
+
+def _own_nat(client: Client) -> str:
+    verdict = getattr(client, "nat_verdict", None)  # v2 with --probe-port only
+    return verdict.nat.token if verdict is not None else "unknown"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,11 +10,14 @@ about the punch loop. The document::
 
     {"version": 1, "interface": "wg0", "pid": 1234, "mode": "daemon",
      "server": "203.0.113.7:49918", "started": 1764620000.0, "updated": 1764620042.5,
-     "ended": null, "last_reply": 1764620041.9,
+     "ended": null, "last_reply": 1764620041.9, "nat": "endpoint-independent",
      "peers": {"<base64 key>": {"status": "applied", "answer": "198.51.100.4:51820",
                "answer_found": true, "answered_at": 1764620041.9,
                "applied": "198.51.100.4:51820", "applied_at": 1764620001.2,
-               "nat": "unknown"}}}
+               "nat": "address-and-port-dependent"}}}
+
+``nat`` (this host's) and each peer's ``nat`` are the tokens of :mod:`rendezvous.nat`
+(``unknown`` until wg-punch --probe-port measures ours, or the server tells us a peer's).
 
 A reader ignores fields it does not know (a newer writer may add some) and rejects
 a document whose version it does not know.
@@ -65,7 +68,7 @@ class PeerRecord:
     answered_at: float | None = None
     applied: str | None = None         # the endpoint wg-punch last set
     applied_at: float | None = None
-    nat: str = "unknown"               # NAT verdict; "unknown" until v2 measures it
+    nat: str = "unknown"               # the peer's NAT verdict, as the server told it
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class InterfaceState:
     ended: float | None = None
     last_reply: float | None = None
     peers: Mapping[bytes, PeerRecord] = field(default_factory=dict)
+    nat: str = "unknown"  # this host's NAT verdict (wg-punch --probe-port)
 
 
 def _b64(key: bytes) -> str:
@@ -99,6 +103,7 @@ def encode(state: InterfaceState) -> bytes:
         "updated": state.updated,
         "ended": state.ended,
         "last_reply": state.last_reply,
+        "nat": state.nat,
         "peers": {_b64(k): {
             "status": r.status, "answer": r.answer, "answer_found": r.answer_found,
             "answered_at": r.answered_at, "applied": r.applied, "applied_at": r.applied_at,
@@ -175,6 +180,7 @@ def decode(data: bytes) -> InterfaceState:
         ended=_time(doc, "ended", "state"),
         last_reply=_time(doc, "last_reply", "state"),
         peers=peers,
+        nat=_get(doc, "nat", (str,), "state", optional=True) or "unknown",
     )
 
 

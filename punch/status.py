@@ -133,6 +133,23 @@ def _b64(key: bytes | None) -> str | None:
     return base64.b64encode(key).decode() if key is not None else None
 
 
+def _pair(mine: str, theirs: str) -> str:
+    """What two verdict tokens (rendezvous.nat) mean for a direct tunnel."""
+    from rendezvous.nat import Mapping, NatVerdict
+
+    from .netcheck import pair_advice
+
+    def verdict(token: str) -> NatVerdict:
+        name, _, extra = token.partition("+")
+        try:
+            mapping = Mapping[name.upper().replace("-", "_")]
+        except KeyError:
+            mapping = Mapping.UNKNOWN
+        return NatVerdict(mapping, extra == "port-preserved")
+
+    return pair_advice(verdict(mine), verdict(theirs))
+
+
 def render_text(report: Report, now: float) -> str:
     """The human form, in the spirit of ``wg show``."""
     lines = [f"interface: {report.interface}"]
@@ -150,6 +167,7 @@ def render_text(report: Report, now: float) -> str:
         lines.append(f"  wg-punch: {st.mode}, pid {st.pid}, server {st.server}, "
                      f"started {_ago(st.started, now)}, {run}")
         lines.append(f"  last server reply: {_ago(st.last_reply, now)}")
+        lines.append(f"  NAT (this host): {st.nat}")
     elif report.state_error is not None:
         lines.append(f"  wg-punch: state file {report.state_file} unreadable: "
                      f"{report.state_error}")
@@ -176,6 +194,8 @@ def render_text(report: Report, now: float) -> str:
             if r is not None and r.applied is not None:
                 lines.append(f"  set by wg-punch: {r.applied}, {_ago(r.applied_at, now)}")
         lines.append(f"  NAT: {p.nat}")
+        if st is not None and "unknown" not in (st.nat, p.nat):
+            lines.append(f"  direct tunnel: {_pair(st.nat, p.nat)}")
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +205,7 @@ def to_json(report: Report, now: float) -> dict[str, Any]:
     state = None if st is None else {
         "mode": st.mode, "pid": st.pid, "server": st.server, "started": st.started,
         "updated": st.updated, "ended": st.ended, "running": report.running,
-        "last_reply": st.last_reply,
+        "last_reply": st.last_reply, "nat": st.nat,
         "last_reply_age": round(now - st.last_reply, 3) if st.last_reply is not None else None,
     }
     peers = []

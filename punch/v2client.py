@@ -23,7 +23,8 @@ from .client import Client, Options, _view, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
 from .machine import Apply as ClassicApply
 from .machine import Keepalive, Punch
-from .v2machine import Apply, PunchV2, Send
+from .netcheck import Verdict
+from .v2machine import Apply, PunchV2, Send, Spray, SprayConfig
 
 if TYPE_CHECKING:
     from rendezvous.v2.crypto import ClientCrypto
@@ -46,6 +47,9 @@ class ClientV2(Client):
         self.failed_channels = 0
         self.auth_failed = 0
         self.malformed = 0
+        self.nat_verdict: Verdict | None = None  # this host's (with --probe-port)
+        self._told_nat: dict[bytes, int] = {}    # the peer verdicts logged so far
+        self.sprayed = 0                         # datagrams sent by sprays
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
@@ -71,6 +75,9 @@ class ClientV2(Client):
             self.crypto = ClientCrypto(device.private_key, opts.server_key)
         except (AuthError, ValueError) as e:
             raise BadServerKey(f"--server-key is not a usable server key: {e}") from None
+        nat = 0
+        if opts.probe_port is not None:
+            nat = self._netcheck(device)
         for family, server in self.servers.items():
             try:
                 source_address_for(server)
@@ -83,8 +90,36 @@ class ClientV2(Client):
         if not self.channels:
             raise ServerUnreachable(f"no route to the server {self._server_text()}")
         # Only the families that opened are asked over.
+        spray = SprayConfig(opts.spray_count, opts.spray_rate) if opts.spray else None
         self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
-                               families=[c.family for c in self.channels])
+                               families=[c.family for c in self.channels], nat=nat,
+                               spray=spray)
+
+    def _netcheck(self, device: Device) -> int:
+        """Probe this host's NAT (over IPv4 when the server has an IPv4 address: that is
+        the NAT that matters; else over IPv6) before the first request; the nat byte
+        every request then carries. A probe that fails leaves the verdict unknown."""
+        from .netcheck import advice, decide
+        from .netprobe import ProbeConfig, V2Exchange, probe
+
+        opts = self.opts
+        assert self.crypto is not None and opts.probe_port is not None
+        assert device.public_key is not None
+        family = 4 if 4 in self.servers else 6
+        server = self.servers[family]
+        config = ProbeConfig(opts.probe_port, opts.probe_address)
+        try:
+            obs, _ = probe(server, device.listen_port, config,
+                           V2Exchange(self.crypto, device.public_key))
+        except NotPermitted:
+            raise
+        except (PunchError, OSError) as e:
+            log.warning("NAT check over IPv%d failed: %s; the verdict stays unknown", family, e)
+            return 0
+        verdict = self.nat_verdict = decide(obs)
+        log.info("NAT (this host, IPv%d): %s; %s (%s)", family, verdict.nat, advice(verdict.nat),
+                 verdict.reason, extra={"nat": verdict.nat.token})
+        return verdict.code
 
     def summary(self) -> str:
         assert not isinstance(self.machine, Punch)
@@ -95,9 +130,13 @@ class ClientV2(Client):
                 f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
+                f"sprays={c.sprays} sprayed={self.sprayed} "
                 f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
 
-    def apply(self, action: ClassicApply | Apply | Keepalive) -> None:
+    def apply(self, action: ClassicApply | Apply | Keepalive | Spray) -> None:  # type: ignore[override]
+        if isinstance(action, Spray):
+            self._spray(action)
+            return
         if isinstance(action, Apply) and action.endpoint.family == 6:
             self._before_ipv6(action.peer)
         super().apply(action)
@@ -158,6 +197,49 @@ class ClientV2(Client):
                 actions = machine.on_reply(now, body, channel.family)
             for action in actions:
                 self.apply(action)
+            self._log_peer_nat()
+
+    def _log_peer_nat(self) -> None:
+        """Log each peer's NAT verdict when the server first tells it, or it changes."""
+        from rendezvous.nat import UNKNOWN, NatVerdict
+
+        from .netcheck import pair_advice
+
+        machine = self.machine
+        assert not isinstance(machine, Punch)
+        mine = self.nat_verdict.nat if self.nat_verdict is not None else UNKNOWN
+        for key, st in machine.peers.items():
+            if self._told_nat.get(key, 0) == st.peer_nat:
+                continue
+            self._told_nat[key] = st.peer_nat
+            theirs = NatVerdict.from_byte(st.peer_nat)
+            log.info("peer %s: NAT %s; between us: %s", short_key(key), theirs,
+                     pair_advice(mine, theirs), extra=peer_fields(key, nat=theirs.token))
+
+
+    def _spray(self, spray: Spray) -> None:
+        """Send the spray's empty datagrams from WireGuard's port, paced to its rate (a
+        burst of at most count/rate seconds: 0.1 s by default)."""
+        channel = self._channel_for(spray.ip)
+        if channel is None:
+            return
+        chunk = max(1, int(spray.rate / 100))
+        start = time.monotonic()
+        sent = 0
+        for i, port in enumerate(spray.ports):
+            if i and i % chunk == 0:
+                delay = start + i / spray.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            if channel.send((spray.ip, port), b""):
+                sent += 1
+        self.sprayed += sent
+        ports = spray.ports
+        log.info("peer %s: its NAT is hard and ours easy: sprayed %d empty datagrams to %s "
+                 "ports %d-%d in %.0f ms, so its handshake gets through our NAT",
+                 short_key(spray.peer), sent, spray.ip, ports.start, ports.stop - 1,
+                 (time.monotonic() - start) * 1000,
+                 extra=peer_fields(spray.peer, spray.ip, sprayed=sent))
 
     def _silent(self) -> str:
         port = next(iter(self.servers.values()))[1]

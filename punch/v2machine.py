@@ -32,6 +32,20 @@ IPv6 endpoint that gives no handshake within ``v6_fallback`` seconds gives way t
 peer's IPv4 endpoint (until the peer's IPv6 endpoint changes). Whether the chosen
 answer is applied follows the classic policy, :func:`punch.policy.apply_reason`.
 
+Spray (issue 7: one side symmetric). When our own verdict is easy (no NAT, or an
+endpoint-independent mapping) and the peer's is hard (address- or address-and-port-
+dependent), applying the peer's IPv4 endpoint also yields a :class:`Spray`: empty
+datagrams from WireGuard's port to the peer's reported address, over a window of
+``count`` ports centred on its reported port. Each opens a mapping in our NAT that
+accepts the peer's handshake from whichever port its NAT picks for us, if that port is
+in the window (port-block-allocating NATs keep a host's ports in one block, RFC 7422);
+the peer's WireGuard initiates to our known endpoint and ours follows it (roaming).
+Once per endpoint applied (kept endpoints are not sprayed for); only ever toward the address the server reported; never when
+either verdict is unknown; off with ``spray=None``. The hard side, for its part, waits
+``spray_hold`` seconds before it applies the easy peer's endpoint (its WireGuard then
+initiates at once), so that its first handshake arrives after the peer's spray rather
+than racing it and being retried by WireGuard only 5 s later.
+
 Notify. The server's notify is the coordinated punch: it is acted on at once, but
 only if its ``server_time`` is newer than that of the last notify accepted for that
 peer (an older or replayed one is counted and refused).
@@ -44,6 +58,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from rendezvous.nat import NatVerdict
 from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody
 from rendezvous.v2.wire import Status as Answer
 
@@ -53,7 +68,8 @@ from .policy import (
     same_endpoint,
 )
 
-__all__ = ["Apply", "Counters", "Keepalive", "PeerState", "PunchV2", "Send"]
+__all__ = ["Apply", "Counters", "Keepalive", "PeerState", "PunchV2", "Send", "Spray",
+           "SprayConfig"]
 
 FAMILIES = (4, 6)
 _REMEMBER_EXPIRED = 1024   # ids of expired requests kept to tell "late" from "unknown"
@@ -79,7 +95,32 @@ class Apply:
     reason: str
 
 
-Action = Apply | Keepalive
+@dataclass(frozen=True)
+class SprayConfig:
+    """Bounds of one spray: COUNT datagrams (the port window), at most RATE a second."""
+
+    count: int = 512
+    rate: float = 5000.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= 4096:
+            raise ValueError(f"spray count must be 1..4096, got {self.count!r}")
+        if not self.rate > 0:
+            raise ValueError(f"spray rate must be positive, got {self.rate!r}")
+
+
+@dataclass(frozen=True)
+class Spray:
+    """Send an empty datagram from WireGuard's port to IP at each of PORTS (at most
+    RATE a second): PEER's NAT is hard and ours is easy."""
+
+    peer: bytes
+    ip: str
+    ports: range
+    rate: float
+
+
+Action = Apply | Keepalive | Spray
 
 
 @dataclass
@@ -111,6 +152,8 @@ class PeerState:
     hold_until: float | None = None    # an IPv4 answer waits for the IPv6 one until then
     v6_failed: Endpoint | None = None  # an IPv6 endpoint that gave no handshake
     notified: int = -1                 # server_time of the last notify accepted
+    sprayed: Endpoint | None = None    # the endpoint we last sprayed around
+    spray_wait: tuple[Endpoint, float] | None = None  # hard side: apply it after that time
     view: PeerView | None = None
     view_at: float = 0.0               # when VIEW was read
     seen_at: float = 0.0               # when this run first saw the peer
@@ -155,6 +198,7 @@ class Counters:
     unwanted: int = 0      # notifies about a key that is not (or no longer) our peer
     applied: int = 0
     fallbacks: int = 0     # IPv6 endpoints given up for IPv4
+    sprays: int = 0        # Spray actions (each a bounded burst)
 
 
 def _by_family(endpoints: Iterable[Endpoint]) -> dict[int, Endpoint]:
@@ -170,7 +214,8 @@ class PunchV2:
 
     def __init__(self, timing: Timing = Timing(), daemon: bool = False,
                  only: frozenset[bytes] | None = None, families: Iterable[int] = FAMILIES,
-                 randbits: Callable[[int], int] = secrets.randbits, nat: int = 0) -> None:
+                 randbits: Callable[[int], int] = secrets.randbits, nat: int = 0,
+                 spray: SprayConfig | None = SprayConfig(), spray_hold: float = 0.3) -> None:
         self.timing = timing
         self.daemon = daemon
         self.only = only
@@ -178,6 +223,8 @@ class PunchV2:
         if not self.families or not set(self.families) <= set(FAMILIES):
             raise ValueError(f"families must be a non-empty subset of {FAMILIES}: {families!r}")
         self.nat = nat
+        self.spray = spray
+        self.spray_hold = spray_hold
         self._randbits = randbits
         self.my_key: bytes | None = None
         self.peers: dict[bytes, PeerState] = {}
@@ -311,11 +358,11 @@ class PunchV2:
         st.hold_until = None
         return self._settle(st, now)
 
-    def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive]:
+    def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive | Spray]:
         """Expire lost requests, settle answers that waited for IPv6, fall back from
         silent IPv6 endpoints, and start the requests that are due. WALL_NS is the
         wall clock (ns since the epoch), for the request timestamps."""
-        out: list[Send | Apply | Keepalive] = []
+        out: list[Send | Apply | Keepalive | Spray] = []
         for rid in [r for r, f in self._inflight.items() if now >= f.deadline]:
             self._expire(rid, now)
         for st in self.peers.values():
@@ -478,6 +525,10 @@ class PunchV2:
         st.hold_until = None
         answer = self._choose(st)
         st.answer = answer
+        wait = self._spray_wait(st, answer, now)
+        if wait is not None:
+            st.hold_until = wait  # poll() settles it again then
+            return []
         reason = apply_reason(st.view, st.applied, answer, self._looks_dead(st, now))
         if reason is None:
             if st.status is not Status.APPLIED:
@@ -488,7 +539,41 @@ class PunchV2:
             return []
         if st.applied is not None and st.applied.family != answer.family:
             reason = f"IPv{answer.family} preferred to {format_endpoint(st.applied)}"
-        return [self._apply(st, answer, reason, now)]
+        actions: list[Action] = [self._apply(st, answer, reason, now)]
+        spray = self._spray(st, answer)
+        if spray is not None:
+            actions.append(spray)
+        return actions
+
+    def _spray_wait(self, st: PeerState, endpoint: Endpoint, now: float) -> float | None:
+        """Hard side, easy peer, a new IPv4 endpoint: until when to wait for its spray."""
+        if (self.spray is None or self.spray_hold <= 0 or endpoint.family != 4
+                or st.applied == endpoint):
+            return None
+        mine = NatVerdict.from_byte(self.nat).mapping.easy
+        theirs = NatVerdict.from_byte(st.peer_nat).mapping.easy
+        if mine is not False or theirs is not True:
+            return None
+        if st.spray_wait is None or st.spray_wait[0] != endpoint:
+            st.spray_wait = (endpoint, now + self.spray_hold)
+        until = st.spray_wait[1]
+        return until if now < until else None
+
+    def _spray(self, st: PeerState, endpoint: Endpoint) -> Spray | None:
+        """A Spray toward ENDPOINT's address if we are easy and the peer is hard. Called
+        for each endpoint applied (a kept one is not), so a peer re-applied because it
+        looked dead is sprayed for again: its NAT has long forgotten the old mappings."""
+        cfg = self.spray
+        if cfg is None or endpoint.family != 4:
+            return None
+        mine = NatVerdict.from_byte(self.nat).mapping.easy
+        theirs = NatVerdict.from_byte(st.peer_nat).mapping.easy
+        if mine is not True or theirs is not False:
+            return None
+        st.sprayed = endpoint
+        low = min(max(1, endpoint.port - cfg.count // 2), 65536 - cfg.count)
+        self.counters.sprays += 1
+        return Spray(st.key, endpoint.ip, range(low, low + cfg.count), cfg.rate)
 
     def _apply(self, st: PeerState, endpoint: Endpoint, reason: str, now: float) -> Apply:
         self._settled(st, Status.APPLIED)

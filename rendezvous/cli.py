@@ -54,6 +54,9 @@ examples:
   wg-rendezvous --key server.key --require-auth
                                          v2 only: unauthenticated requests are refused
   wg-rendezvous --key server.key --listen 0.0.0.0 --listen 2001:db8::7
+  wg-rendezvous --probe-port 49919       NAT detection too (wg-punch netcheck)
+  wg-rendezvous --listen 203.0.113.7 --probe-port 49919 --probe-address 203.0.113.8
+                                         ... telling address-dependent mappings apart
 
 The server key must be dedicated to wg-rendezvous, never a WireGuard interface's
 key. Its public key is also logged at start. The host's firewall must let UDP to the
@@ -102,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "without IPv6)")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"UDP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--probe-port", type=_port, metavar="PORT",
+                   help="also answer on UDP PORT of every --listen address, for NAT "
+                        "behaviour detection (wg-punch netcheck): only self-lookups, and "
+                        "nothing is registered there (0 picks a free port)")
+    p.add_argument("--probe-address", metavar="ADDR", action="append", type=_address,
+                   help="a second local address that also answers on --probe-port, so "
+                        "clients can tell address-dependent mappings too (a wildcard "
+                        "--listen of its family already covers it); repeatable")
     p.add_argument("--ttl", type=_nonneg(float), default=180.0, metavar="S",
                    help="forget a key not refreshed for S seconds, and (v2) a request for a "
                         "peer not repeated for S seconds (default 180)")
@@ -214,12 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             return _fail(f"--key: cannot read {args.key}: {e.strerror}")
     listen = [(a, args.port) for a in (args.listen or ["0.0.0.0", "::"])]
+    if args.probe_address and args.probe_port is None:
+        return _fail("--probe-address needs --probe-port PORT")
+    probe = []
+    if args.probe_port is not None:
+        if args.probe_port == args.port and args.port != 0:
+            return _fail(f"--probe-port must differ from --port ({args.port})")
+        addrs = args.listen or ["0.0.0.0", "::"]
+        probe = [(a, args.probe_port) for a in addrs]
+        # A wildcard of the address's family already answers there (and replies from it).
+        probe += [(a, args.probe_port) for a in args.probe_address or ()
+                  if a not in addrs and ("::" if ":" in a else "0.0.0.0") not in addrs]
     config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
                     classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
                     notify_burst=args.notify_burst)
     server = Server(Service(config, crypto), ServerOptions(
         listen=listen, io=args.io, stats_interval=args.stats_interval, verbose=args.verbose,
-        ipv6_optional=args.listen is None))
+        ipv6_optional=args.listen is None, probe=probe))
     try:
         server.open()
     except ListenError as e:
@@ -243,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          f"server public key {encode_key(crypto.server_public)})")
     log.info("listening on %s (ttl %gs, max peers %d, rate limit per source %s; %s)",
              addrs, args.ttl, args.max_peers, rate, " + ".join(protocols))
+    if server.probe_sockets:
+        log.info("probe port on %s (self-lookups only, nothing registered)",
+                 ", ".join(format_address(a, p) for a, p in server.probe_addresses))
     for why in server.skipped:
         log.info("%s: serving IPv4 only", why)
     if loose_key:

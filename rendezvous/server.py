@@ -55,6 +55,9 @@ class ServerOptions:
     verbose: bool = False
     batch: int = 256  # datagrams per recvmmsg; bigger batches spread the per-call cost
     ipv6_optional: bool = False  # skip a "::" that fails for lack of IPv6 (the default)
+    # Probe sockets (--probe-port): they answer self-lookups only and register nothing
+    # (Service.probe), read one datagram at a time; no notification leaves from them.
+    probe: Sequence[tuple[str, int]] = ()
 
 
 def is_ipv6(addr: str) -> bool:
@@ -112,6 +115,7 @@ class Server:
         self.options = options
         self.clock = clock
         self.sockets: list[socket.socket] = []
+        self.probe_sockets: list[socket.socket] = []
         self.skipped: list[str] = []  # optional addresses that could not be opened, and why
         self.send_failed = 0
         self.notify_sent = 0
@@ -136,6 +140,14 @@ class Server:
                     if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
                         raise
                     self.skipped.append(e.strerror)  # the caller logs it
+            for addr, port in self.options.probe:
+                if port == 0 and self.probe_sockets:
+                    port = self.probe_sockets[0].getsockname()[1]
+                try:
+                    self.probe_sockets.append(open_socket(addr, port))
+                except ListenError as e:
+                    if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
+                        raise
         except ListenError:
             self.close()
             raise
@@ -150,10 +162,15 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self.sockets]
 
+    @property
+    def probe_addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self.probe_sockets]
+
     def close(self) -> None:
-        for s in self.sockets:
+        for s in self.sockets + self.probe_sockets:
             s.close()
         self.sockets.clear()
+        self.probe_sockets.clear()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -187,6 +204,8 @@ class Server:
                 handlers[sock.fileno()] = self._mmsg_reader(sock, batch)
             else:
                 handlers[sock.fileno()] = self._plain_reader(sock, pktinfo)
+        for sock in self.probe_sockets:
+            handlers[sock.fileno()] = self._plain_reader(sock, _is_wildcard(sock), probe=True)
         poller = select.poll()
         for fd in handlers:
             poller.register(fd, select.POLLIN)
@@ -245,8 +264,9 @@ class Server:
 
         return read
 
-    def _plain_reader(self, sock: socket.socket, pktinfo: bool) -> Callable[[], None]:
-        handle = self.service.handle
+    def _plain_reader(self, sock: socket.socket, pktinfo: bool,
+                      probe: bool = False) -> Callable[[], None]:
+        handle = self.service.probe if probe else self.service.handle
         clock = self.clock
         verbose = self.options.verbose
         v2 = self.service.v2

@@ -51,6 +51,8 @@ class Counters:
     requests: int = 0
     found: int = 0
     not_found: int = 0
+    probes: int = 0          # self-lookups answered on the probe port(s)
+    probe_refused: int = 0   # probe-port datagrams that were not a self-lookup
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("length", "zero_key", "classic_off", "classic_ipv6", "v2_off"), 0))
 
@@ -102,6 +104,46 @@ class Service:
         c.found += 1
         return endpoint
 
+    def probe(self, data: bytes, source: bytes, now: float, local: bytes | None = None,
+              wall_ns: int | None = None) -> bytes | None:
+        """A datagram that arrived at a probe port (``wg-rendezvous --probe-port``): only
+        self-lookups are answered, with the source as observed here, and nothing is
+        registered, so a mapping a client's NAT made just for the probe never reaches
+        its peers. Classic: a 64-byte request whose two keys are equal gets the 6-byte
+        source back. v2: see :meth:`rendezvous.v2.service.V2Service.probe`. The same
+        per-source rate limit applies."""
+        c = self.counters
+        if len(data) == REQUEST_LEN:
+            if not self.classic:
+                c.dropped["classic_off"] += 1
+                return None
+            if len(source) != 6:
+                c.dropped["classic_ipv6"] += 1
+                return None
+            if not self.limiter.allow(source[:4], now):
+                return None
+            if data[:KEY_LEN] == ZERO_KEY or data[:KEY_LEN] != data[KEY_LEN:]:
+                c.probe_refused += 1
+                return None
+            c.probes += 1
+            return source
+        if not looks_like_v2(data):
+            c.dropped["length"] += 1
+            return None
+        if self.v2 is None:
+            c.dropped["v2_off"] += 1
+            return None
+        if not self.limiter.allow(source[:4] if len(source) == 6 else source[:8], now):
+            return None
+        if wall_ns is None:
+            wall_ns = int(now * 1e9) + self.wall_offset_ns
+        reply = self.v2.probe(data, source, wall_ns)
+        if reply is None:
+            c.probe_refused += 1
+        else:
+            c.probes += 1
+        return reply
+
     def _other(self, data: bytes, source: bytes, now: float, local: bytes | None,
                wall_ns: int | None) -> bytes | None:
         c = self.counters
@@ -141,6 +183,8 @@ class Service:
             "found": c.found,
             "not_found": c.not_found,
             **{f"dropped_{k}": v for k, v in c.dropped.items()},
+            "probes": c.probes,
+            "probe_refused": c.probe_refused,
             "rate_limited": self.limiter.limited,
             "evicted": r.evicted,
             "expired": r.expired,

@@ -124,6 +124,12 @@ Environment:
   LAB_WG        auto (default: kernel WireGuard when 'ip link add type wireguard' works,
                 else wireguard-go), kernel, or userspace
   LAB_TIMEOUT   demo: seconds to wait for the tunnel (default 20)
+  LAB_SYM_PORTS   up: a symmetric NAT maps UDP into this port block only (LO-HI, e.g.
+                40000-40255), like a port-block-allocating CGNAT (RFC 7422): what the
+                spray needs to reach it (without it: any port 1024-65535)
+  LAB_PROBE_PORT  the server also answers NAT probes on this port (wg-rendezvous
+                --probe-port), and with --v2 wg-punch gets --probe-port: each side
+                measures its NAT and the server forwards the verdicts (wg-punch netcheck)
   PYTHON        interpreter for wg-rendezvous and wg-punch (default python3); both run
                 from this checkout ($REPO) via PYTHONPATH, without installing
   LAB_STATE_ROOT  where lab state lives (default /run/wgpunch-lab)
@@ -292,6 +298,10 @@ link() {
 nat_ruleset() {
   local mode=$1 masq='oifname "wan" masquerade'
   [ "$mode" = symmetric ] && masq='oifname "wan" masquerade fully-random'
+  # LAB_SYM_PORTS=LO-HI: the symmetric NAT allocates UDP ports from that block only, as
+  # port-block-allocating CGNATs do (RFC 7422); still a random port per destination
+  [ "$mode" = symmetric ] && [ -n "${LAB_SYM_PORTS:-}" ] &&
+    masq="oifname \"wan\" meta l4proto udp masquerade to :$LAB_SYM_PORTS fully-random; $masq"
   [ "$mode" = fw6 ] && masq='# fw6: nothing to masquerade (no IPv4 leaves the LAN)'
   cat <<EOF
 table ip wgpunch_lab {
@@ -707,6 +717,7 @@ server_argv() {
   [ "$IPV6" = 0 ] || [ "$V2" = 0 ] || SERVER_ARGV+=(--listen "$SRV_ADDR6")
   SERVER_ARGV+=(--port "$RDV_PORT" -v)
   [ "$V2" = 0 ] || SERVER_ARGV+=(--key "$S/server.key" --require-auth)
+  [ -z "${LAB_PROBE_PORT:-}" ] || SERVER_ARGV+=(--probe-port "$LAB_PROBE_PORT")
 }
 # punch_argv HOST: wg-punch as this lab runs it on HOST (in PUNCH_ARGV); options go first.
 punch_argv() {
@@ -716,6 +727,7 @@ punch_argv() {
   # interfaces are called wg0, and the host's own /run/wg-punch is not the lab's.
   PUNCH_ARGV+=(--state-dir "$S/punch-state/$1")
   [ "$V2" = 0 ] || PUNCH_ARGV+=(--server-key "$(cat "$S/server.pub")")
+  [ -z "${LAB_PROBE_PORT:-}" ] || [ "$V2" = 0 ] || PUNCH_ARGV+=(--probe-port "$LAB_PROBE_PORT")
   PUNCH_ARGV+=("$(rdv_for "$1")" wg0)
 }
 

@@ -129,6 +129,33 @@ class V2Service:
             self._notify(client, concerned, now, server_time, len(data))
         return self._reply(client, reply, len(data))
 
+    def probe(self, data: bytes, source: bytes, wall_ns: int) -> bytes | None:
+        """A request at a probe port: if it authenticates and asks for the client itself
+        (``peer_public == client_public``), a ``pending`` reply whose ``observed`` is the
+        source as seen here. Nothing is registered or remembered (not even the
+        timestamp, which is not checked: a replayed probe changes nothing and its reply
+        is sealed to the real client). Anything else is counted and dropped."""
+        c = self.counters
+        try:
+            observed = Endpoint.from_source(source)
+        except WireError:
+            observed = None
+        if observed is None or not observed.usable:
+            c["bad_source"] += 1
+            return None
+        try:
+            client, body = self.crypto.open_request(data)
+        except AuthError:
+            c["auth_failed"] += 1
+            return None
+        except WireError:
+            c["malformed"] += 1
+            return None
+        if body.peer != client:
+            return None
+        reply = ReplyBody(body.request_id, Status.PENDING, self._server_time(wall_ns), observed)
+        return self._reply(client, reply, len(data))
+
     def _reply(self, client: bytes, body: ReplyBody, limit: int) -> bytes | None:
         out = self.crypto.seal_reply(client, body)
         if len(out) > limit:

@@ -71,11 +71,16 @@ class Lab:
 
     def __init__(self, nat_a: str = "cone", nat_b: str = "cone", *,
                  prefix: str | None = None, wg: str | None = None, ipv6: bool = False,
-                 v2: bool = False) -> None:
+                 v2: bool = False, probe_port: int | None = None,
+                 sym_ports: str | None = None) -> None:
         self.prefix = prefix or new_prefix()
         self.nat_a, self.nat_b = nat_a, nat_b
         self.ipv6, self.v2 = ipv6, v2
         self.extra_env = {"LAB_WG": wg} if wg else {}
+        if probe_port is not None:  # the server answers NAT probes; v2 clients probe
+            self.extra_env["LAB_PROBE_PORT"] = str(probe_port)
+        if sym_ports is not None:  # a symmetric NAT allocates from this port block only
+            self.extra_env["LAB_SYM_PORTS"] = sym_ports
         self.procs: list[subprocess.Popen[bytes]] = []
         self.info: dict[str, str] = {}
 

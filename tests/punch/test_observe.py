@@ -41,3 +41,23 @@ def test_a_peer_never_answered_has_no_answer_fields():
                         last_reply=None, mono_now=0.5, wall_now=10.0)
     rec = state.peers[P1]
     assert rec.status == "asking" and rec.answer_found is None and rec.answered_at is None
+
+
+def test_build_state_carries_the_v2_peer_verdict_and_ours():
+    from punch.v2machine import PunchV2
+    from rendezvous.v2.wire import Endpoint as Ep
+    from rendezvous.v2.wire import NotifyBody
+
+    ids = iter(range(1, 100))
+    m = PunchV2(Timing(), families=(4,), nat=0x04, randbits=lambda n: next(ids))
+    m.update_device(0.0, DeviceView(ME, (PeerView(P1), PeerView(P2))))
+    [send, _] = m.poll(0.0, 10**18)
+    assert send.body.nat == 0x04  # every request carries our verdict
+    m.on_notify(0.1, NotifyBody(5, P1, (Ep("198.51.100.4", 4444),), peer_nat=0x12), 4)
+    assert m.peers[P1].peer_nat == 0x12
+    state = build_state(m, interface="wg0", pid=1, daemon=False, server="s", started=0.0,
+                        last_reply=None, mono_now=0.5, wall_now=10.0,
+                        nat="address-and-port-dependent")
+    assert state.nat == "address-and-port-dependent"
+    assert state.peers[P1].nat == "endpoint-independent+port-preserved"
+    assert state.peers[P2].nat == "unknown"

@@ -136,3 +136,19 @@ def test_write_atomic_that_fails_leaves_no_temporary(tmp_path):
     with pytest.raises(IsADirectoryError):
         write_atomic(target, b"new")
     assert os.listdir(tmp_path) == ["wg0.json"] and target.is_dir()
+
+
+def test_nat_verdicts_round_trip_and_default_to_unknown():
+    state = InterfaceState(
+        interface="wg0", pid=1, mode="once", server="s", started=1.0, updated=2.0,
+        nat="endpoint-independent+port-preserved",
+        peers={K1: PeerRecord("applied", nat="address-and-port-dependent")})
+    doc = json.loads(encode(state))
+    assert doc["nat"] == "endpoint-independent+port-preserved"
+    assert doc["peers"][base64.b64encode(K1).decode()]["nat"] == "address-and-port-dependent"
+    assert decode(encode(state)) == state
+    del doc["nat"]  # a file from before verdicts
+    assert decode(json.dumps(doc).encode()).nat == "unknown"
+    doc["nat"] = 5
+    with pytest.raises(StateFileError, match="state: field 'nat' must be str, got 5"):
+        decode(json.dumps(doc).encode())

@@ -224,3 +224,22 @@ def test_status_of_a_killed_daemon_says_it_is_not_running(ns, state_dir):
     r = status(ns, pair.ifs[0])
     assert f"not running (pid {pid} is gone)" in r.stdout, r.stdout
     assert json.loads(status(ns, "--json", pair.ifs[0]).stdout)["state"]["running"] is False
+
+
+def test_render_shows_both_verdicts_and_what_they_mean_together():
+    device = Device("wg9", public_key=KEY_A, listen_port=51820, peers=(
+        Peer(KEY_A, endpoint=("198.51.100.1", 4000)), Peer(KEY_B)))
+    state = InterfaceState(
+        "wg9", 42, "daemon", "192.0.2.1:49918", started=1000.0, updated=1090.0,
+        nat="address-and-port-dependent",
+        peers={KEY_A: PeerRecord("applied", nat="endpoint-independent+port-preserved"),
+               KEY_B: PeerRecord("asking")})
+    report = build(device, state, "/x/wg9.json")
+    text = render_text(report, now=1100.0)
+    assert "  NAT (this host): address-and-port-dependent\n" in text
+    assert ("  NAT: endpoint-independent+port-preserved\n  direct tunnel: direct only with "
+            "the spray from the easy side, else a relay\n") in text
+    assert text.endswith("  NAT: unknown\n")  # no verdict, no advice
+    doc = to_json(report, now=1100.0)
+    assert doc["state"]["nat"] == "address-and-port-dependent"
+    assert [p["nat"] for p in doc["peers"]] == ["endpoint-independent+port-preserved", "unknown"]

@@ -10,7 +10,7 @@ import pytest
 
 from punch.machine import Keepalive
 from punch.policy import DeviceView, PeerView, Status, Timing
-from punch.v2machine import Apply, PunchV2, Send
+from punch.v2machine import Apply, PunchV2, Send, Spray, SprayConfig
 from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody
 from rendezvous.v2.wire import Status as S
 
@@ -558,3 +558,88 @@ def test_a_stale_answer_is_asked_again_even_after_the_peer_is_settled():
     m.on_reply(0.02, stale(s6, s4.body.timestamp + 1), 6)
     [again] = sends(m.poll(0.02, WALL))
     assert again.family == 6 and again.body.timestamp > s4.body.timestamp
+
+
+# -- NAT verdicts and the spray ---------------------------------------------------------
+
+EASY, HARD = 0x12, 0x04  # endpoint-independent + port preserved; symmetric
+
+
+def found_nat(s: Send, nat: int, *endpoints: Endpoint) -> ReplyBody:
+    return ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, endpoints, nat)
+
+
+def test_every_request_carries_our_verdict_and_the_peer_s_is_recorded():
+    m = machine(nat=EASY)
+    s = only_send(m.poll(0.0, WALL))
+    assert s.body.nat == EASY
+    m.on_reply(0.1, found_nat(s, 0x11, B4), 4)
+    assert m.peers[P1].peer_nat == 0x11
+    n = NotifyBody(WALL + 1, P1, (B4,), peer_nat=0x13)
+    m.on_notify(0.2, n, 4)
+    assert m.peers[P1].peer_nat == 0x13
+
+
+def test_easy_side_sprays_once_around_the_hard_peer_s_port():
+    m = machine(nat=EASY, spray=SprayConfig(count=100, rate=1000.0))
+    s = only_send(m.poll(0.0, WALL))
+    apply, spray = m.on_reply(0.1, found_nat(s, HARD, A4), 4)
+    assert isinstance(apply, Apply) and apply.endpoint == A4
+    assert spray == Spray(P1, A4.ip, range(A4.port - 50, A4.port + 50), 1000.0)
+    assert m.counters.sprays == 1
+    # the notify with the same endpoint: no second spray; a new endpoint: a new one
+    assert not any(isinstance(a, Spray) for a in m.on_notify(0.2, NotifyBody(
+        WALL + 1, P1, (A4,), peer_nat=HARD), 4))
+    out = m.on_notify(0.3, NotifyBody(WALL + 2, P1, (A4B,), peer_nat=HARD), 4)
+    assert [type(a) for a in out] == [Apply, Spray] and out[1].ports.start == A4B.port - 50
+    assert m.peers[P1].sprayed == A4B and m.counters.sprays == 2
+
+
+@pytest.mark.parametrize(("mine", "theirs"), [
+    (EASY, EASY), (HARD, HARD), (HARD, EASY), (0, HARD), (EASY, 0), (0x11, 0x11)])
+def test_no_spray_unless_we_are_easy_and_the_peer_hard(mine, theirs):
+    m = machine(nat=mine, spray_hold=0)
+    s = only_send(m.poll(0.0, WALL))
+    assert [type(a) for a in m.on_reply(0.1, found_nat(s, theirs, A4), 4)] == [Apply]
+
+
+def test_no_spray_when_turned_off_toward_ipv6_or_at_the_port_range_edges():
+    m = machine(nat=EASY, spray=None)
+    s = only_send(m.poll(0.0, WALL))
+    assert [type(a) for a in m.on_reply(0.1, found_nat(s, HARD, A4), 4)] == [Apply]
+    m = machine(families=(4, 6), nat=EASY)
+    for s in sends(m.poll(0.0, WALL)):
+        m.on_reply(0.1, found(s, A6, observed=ME6 if s.family == 6 else ME4), s.family)
+    assert m.counters.sprays == 0 and m.peers[P1].applied == A6
+    m = machine(nat=0x11, spray=SprayConfig(count=512))
+    s = only_send(m.poll(0.0, WALL))
+    _, spray = m.on_reply(0.1, found_nat(s, HARD, Endpoint("198.51.100.7", 3)), 4)
+    assert spray.ports == range(1, 513)
+    m = machine(nat=0x11, spray=SprayConfig(count=512))
+    s = only_send(m.poll(0.0, WALL))
+    _, spray = m.on_reply(0.1, found_nat(s, HARD, Endpoint("198.51.100.7", 65535)), 4)
+    assert spray.ports == range(65024, 65536)
+
+
+def test_spray_bounds_are_checked():
+    with pytest.raises(ValueError, match="spray count must be 1..4096, got 5000"):
+        SprayConfig(count=5000)
+    with pytest.raises(ValueError, match="spray rate must be positive, got 0"):
+        SprayConfig(rate=0)
+
+
+def test_hard_side_waits_for_the_easy_peer_s_spray_before_applying():
+    m = machine(nat=HARD, spray_hold=0.3)
+    s = only_send(m.poll(0.0, WALL))
+    assert m.on_reply(0.1, found_nat(s, EASY, B4), 4) == []
+    assert m.next_wakeup() == pytest.approx(0.4)
+    # the notify that follows does not cut the wait short
+    assert m.on_notify(0.2, NotifyBody(WALL + 1, P1, (B4,), peer_nat=EASY), 4) == []
+    assert [a for a in m.poll(0.39, WALL) if not isinstance(a, Send)] == []
+    [apply] = [a for a in m.poll(0.4, WALL) if not isinstance(a, Send)]
+    assert isinstance(apply, Apply) and apply.endpoint == B4
+    # a peer whose NAT is hard too, or unknown: no wait
+    for theirs in (HARD, 0):
+        m = machine(nat=HARD)
+        s = only_send(m.poll(0.0, WALL))
+        assert [type(a) for a in m.on_reply(0.1, found_nat(s, theirs, B4), 4)] == [Apply]

@@ -145,6 +145,8 @@ def test_real_server_metrics_match_the_traffic(io):
         ("wgpunch_rendezvous_dropped_total", (("reason", "v2_off"),)): 0,
         ("wgpunch_rendezvous_dropped_total", (("reason", "classic_off"),)): 0,
         ("wgpunch_rendezvous_dropped_total", (("reason", "classic_ipv6"),)): 0,
+        ("wgpunch_rendezvous_probes_total", ()): 0,  # --probe-port (none here)
+        ("wgpunch_rendezvous_probe_refused_total", ()): 0,
         ("wgpunch_rendezvous_rate_limited_total", ()): 0,
         ("wgpunch_rendezvous_evictions_total", ()): 1,
         ("wgpunch_rendezvous_expiries_total", ()): 0,

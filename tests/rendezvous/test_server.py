@@ -151,6 +151,64 @@ def test_reply_leaves_from_the_address_the_request_was_sent_to(io):
         assert s.finish()[0] == 0
 
 
+def _probe_ports(s: RunningServer) -> list[tuple[str, int]]:
+    """The probe sockets the server logs right after its start line."""
+    assert s.proc.stderr is not None
+    line = s.proc.stderr.readline()
+    s.lines.append(line)
+    assert "probe port on " in line, line
+    head = line.split("probe port on ", 1)[1].split(" (", 1)[0]
+    return [(a, int(p)) for a, p in (x.rsplit(":", 1) for x in head.split(", "))]
+
+
+@pytest.mark.parametrize("io", ["mmsg", "plain"])
+def test_probe_port_answers_self_lookups_and_registers_nothing(io):
+    s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--io", io, "--probe-port", "0",
+                      "--probe-address", "127.0.0.2")
+    try:
+        probes = _probe_ports(s)
+        assert [a for a, _ in probes] == ["127.0.0.1", "127.0.0.2"]
+        port = probes[0][1]
+        assert port != s.addr[1] and probes[1][1] == port
+        a, b = client(), client()
+        for dst in probes:  # classic self-lookups: the sender's observed address
+            assert ask(a, dst, A, A) == packed(a)
+        a.settimeout(0.3)
+        a.sendto(A + B, probes[0])  # not a self-lookup: no answer at all
+        with pytest.raises(TimeoutError):
+            a.recvfrom(2048)
+        a.settimeout(2)
+        assert ask(b, s.addr, B, A) == b""  # A only probed: not registered
+        assert ask(a, s.addr, A, B) == packed(b)  # the usual port still works as ever
+    finally:
+        rc, log = s.finish()
+    assert rc == 0 and "probes=2" in log and "probe_refused=1" in log, log
+
+
+def test_probe_address_under_a_wildcard_is_served_by_the_wildcard():
+    s = RunningServer("--rate", "0", "--probe-port", "0", "--probe-address", "127.0.0.2")
+    try:
+        probes = _probe_ports(s)
+        assert probes[0][0] == "0.0.0.0"
+        c = client()
+        c.connect(("127.0.0.2", probes[0][1]))
+        c.send(A + A)
+        assert c.recv(64) == packed(c)  # answered from the address it was sent to
+    finally:
+        assert s.finish()[0] == 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--probe-address", "127.0.0.2"], "--probe-address needs --probe-port PORT"),
+    (["--port", "4000", "--probe-port", "4000"], "--probe-port must differ from --port (4000)"),
+    (["--probe-port", "x"], "not a UDP port"),
+])
+def test_bad_probe_arguments(args, msg):
+    r = subprocess.run([sys.executable, "-m", "rendezvous", "--listen", "127.0.0.1", *args],
+                       capture_output=True, text=True, env=py_env(), timeout=10)
+    assert r.returncode == 2 and msg in r.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.fuzz
 def test_fuzz_server_survives_and_never_amplifies():
     s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--max-peers", "5000")

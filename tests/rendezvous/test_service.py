@@ -55,3 +55,26 @@ def test_reply_never_longer_than_request():
     s.handle(B + B, SRC_B, 0.0)
     reply = s.handle(A + B, SRC_A, 0.0)
     assert reply is not None and len(reply) <= 64
+
+
+def test_probe_answers_self_lookups_with_the_source_and_registers_nothing():
+    s = svc()
+    assert s.probe(A + A, SRC_A, 0.0) == SRC_A
+    assert len(s.registry) == 0
+    assert s.handle(B + A, SRC_B, 1.0) == b""  # A probed only: unknown on the usual port
+    assert s.probe(A + B, SRC_A, 2.0) is None  # not a self-lookup: no answer
+    assert s.probe(ZERO_KEY + ZERO_KEY, SRC_A, 2.0) is None
+    assert s.probe(b"x" * 63, SRC_A, 2.0) is None
+    snap = s.snapshot()
+    assert (snap["probes"], snap["probe_refused"], snap["dropped_length"]) == (1, 2, 1)
+
+
+def test_probe_keeps_the_rate_limit_and_the_protocol_switches():
+    s = Service(Config(rate=1, burst=1))
+    assert s.probe(A + A, SRC_A, 0.0) == SRC_A
+    assert s.probe(A + A, SRC_A, 0.0) is None and s.snapshot()["rate_limited"] == 1
+    off = svc(classic=False)
+    assert off.probe(A + A, SRC_A, 0.0) is None and off.snapshot()["dropped_classic_off"] == 1
+    six = bytes(15) + b"\x01" + (5000).to_bytes(2, "big")
+    assert svc().probe(A + A, six, 0.0) is None
+    assert svc().probe(b"wgp\x02" + bytes(112), SRC_A, 0.0) is None  # v2 without a key

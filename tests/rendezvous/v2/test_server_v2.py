@@ -298,3 +298,29 @@ def test_notifications_without_a_route_are_counted_not_fatal():
         assert server.send_notifications() == 0 and server.notify_failed == 1  # drained
     finally:
         server.close()
+
+
+def test_probe_port_answers_v2_self_requests_with_observed(tmp_path):
+    s = V2Server(tmp_path, "--listen", "127.0.0.1", "--listen", "::1", "--probe-port", "0")
+    try:
+        assert s.proc.stderr is not None
+        line = s.proc.stderr.readline()
+        assert "probe port on 127.0.0.1:" in line and ", [::1]:" in line, line
+        probe_port = int(line.split("127.0.0.1:", 1)[1].split(",", 1)[0])
+        a, b = Peer(s), Peer(s)
+        for host in ("127.0.0.1", "::1"):
+            sock = udp(host)
+            data = a.request(a.pub)
+            sock.sendto(data, (host, probe_port))
+            reply, src = sock.recvfrom(2048)
+            assert src[:2] == (host, probe_port) and len(reply) <= len(data)
+            body = a.crypto.open(reply)
+            assert isinstance(body, ReplyBody) and body.request_id == a.rid
+            assert body.status is Status.PENDING and body.observed == endpoint(sock)
+            sock.sendto(a.request(b.pub), (host, probe_port))  # not about itself: nothing
+            assert quiet(sock)
+        b4 = udp("127.0.0.1")
+        assert b.ask(b4, a, "127.0.0.1").status is Status.PENDING  # A only probed
+    finally:
+        rc, log = s.finish()
+    assert rc == 0 and "probes=2" in log and "probe_refused=2" in log, log

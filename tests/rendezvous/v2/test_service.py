@@ -419,3 +419,32 @@ def test_fuzz_never_raises_never_amplifies(h):
     s = h.stats
     assert s["v2_requests"] == answered and answered > 1000  # some plaintexts do parse
     assert s["v2_auth_failed"] > 25_000 and s["v2_malformed"] > 10_000  # every path is hit
+
+
+def test_probe_replies_pending_with_observed_and_changes_nothing(h):
+    a, b = h.client(), h.client()
+    h.ask(b, a, v4(2, 5000))  # B waits for A
+    probe = a.request(a.pub, nat=0x12)
+    reply = h.svc.probe(probe, v4(1, 7777), 0.1, None, WALL)
+    assert reply is not None and len(reply) <= len(probe)
+    body = a.open(reply)
+    assert isinstance(body, ReplyBody) and body.request_id == a.rid
+    assert body.status is Status.PENDING and body.observed == ep(v4(1, 7777))
+    assert body.endpoints == ()
+    # Nothing was registered or remembered: B is not notified, A is unknown, and A's
+    # next request may reuse an older timestamp than the probe's.
+    assert h.svc.drain_notifications() == [] and h.svc.v2.registry.nat(a.pub) == 0
+    assert h.svc.probe(probe, v4(1, 7777), 0.2, None, WALL) is not None  # a replay: same
+    r = h.ask(a, b, v4(1, 4000), now=0.3, ts=WALL - 5)
+    assert r.status is Status.FOUND and r.endpoints == (ep(v4(2, 5000)),)
+    assert h.stats["probes"] == 2
+
+
+def test_probe_refuses_others_questions_and_forgeries(h):
+    a, b = h.client(), h.client()
+    assert h.svc.probe(a.request(b.pub), v4(1, 1), 0.0, None, WALL) is None
+    forged = bytearray(a.request(a.pub))
+    forged[70] ^= 1
+    assert h.svc.probe(bytes(forged), v4(1, 1), 0.0, None, WALL) is None
+    s = h.stats
+    assert s["probe_refused"] == 2 and s["v2_auth_failed"] == 1 and s["probes"] == 0

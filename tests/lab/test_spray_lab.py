@@ -1,0 +1,128 @@
+"""The spray (issue 7: one side symmetric) in the netns lab, protocol v2 with NAT
+verdicts: the symmetric NAT allocates from a port block (LAB_SYM_PORTS, as
+port-block-allocating CGNATs do, RFC 7422; the lab's plain symmetric NAT picks from
+1024-65535, which no bounded spray covers). The easy side sprays empty datagrams over a
+port window toward the symmetric side's reported address; the symmetric side's
+WireGuard initiates to the easy side's endpoint; roaming does the rest.
+
+Each direction runs several times in one lab (the server restarted, the peers re-added
+and both NATs' conntrack flushed between runs). The router counts the spray: exactly
+the configured number of empty datagrams (plus the one empty "poke" every endpoint set
+sends) leave the easy side toward the symmetric side's address, and none toward any
+other address."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.lab.lablib import Lab
+
+pytestmark = pytest.mark.lab
+
+PROBE_PORT = 49919
+BLOCK = (40000, 40255)
+RUNS = 3
+LIMIT = 10.0  # seconds from the second client's start to a handshake on both sides
+
+
+def _count_rule(lab: Lab, nat: str, hard_pub: str) -> None:
+    """Count empty UDP datagrams from WireGuard's port leaving NAT's LAN, by destination."""
+    for match in (f"ip daddr {hard_pub}", f"ip daddr != {hard_pub}"):
+        lab.run(f"nat-{nat}", ["nft", "add", "rule", "ip", "wgpunch_lab", "drops",
+                               "iifname", "lan", *match.split(), "udp", "sport", "51820",
+                               "udp", "length", "8", "counter"])
+
+
+def _counts(lab: Lab, nat: str) -> list[int]:
+    import re
+
+    out = lab.run(f"nat-{nat}", ["nft", "list", "chain", "ip", "wgpunch_lab", "drops"]).stdout
+    return [int(n) for n in re.findall(r"counter packets (\d+)", out)]
+
+
+def _reset(lab: Lab) -> None:
+    """Forget the last run: peers re-added without endpoints, both NATs' mappings gone."""
+    for host, peer, tun in (("alice", "BOB", "BOB_TUN"), ("bob", "ALICE", "ALICE_TUN")):
+        key = lab.info[f"{peer}_PUBKEY"]
+        lab.run(host, ["wg", "set", "wg0", "peer", key, "remove"])
+        lab.run(host, ["wg", "set", "wg0", "peer", key, "allowed-ips", f"{lab.info[tun]}/32"])
+    for nat in ("a", "b"):
+        lab.run(f"nat-{nat}", ["conntrack", "-F"], check=False)
+
+
+@pytest.mark.parametrize(("nat_a", "nat_b"), [("symmetric", "cone"), ("cone", "symmetric")])
+def test_spray_gets_a_direct_tunnel_through_one_symmetric_nat(make_lab, tmp_path,
+                                                              nat_a: str, nat_b: str) -> None:
+    lab = make_lab(nat_a, nat_b, v2=True, probe_port=PROBE_PORT,
+                   sym_ports=f"{BLOCK[0]}-{BLOCK[1]}")
+    hard, easy = ("alice", "bob") if nat_a == "symmetric" else ("bob", "alice")
+    hard_nat, easy_nat = ("a", "b") if hard == "alice" else ("b", "a")
+    hard_pub, easy_pub = lab.info[f"PUB_{hard_nat.upper()}"], lab.info[f"PUB_{easy_nat.upper()}"]
+    _count_rule(lab, easy_nat, hard_pub)
+    times = []
+    for run in range(RUNS):
+        server = lab.start_server()
+        a = lab.punch("alice", "--wait", "--timeout", "15", "--state-dir", str(tmp_path / "a"))
+        time.sleep(0.3)  # Alice is waiting when Bob starts, as in real life
+        start = time.monotonic()
+        b = lab.punch("bob", "--wait", "--timeout", "15", "--state-dir", str(tmp_path / "b"))
+        logs = {}
+        for p, who in ((a, "alice"), (b, "bob")):
+            _, err = p.communicate(timeout=30)
+            logs[who] = err.decode()
+            assert p.returncode == 0, f"run {run}: wg-punch on {who} exited {p.returncode}:\n" \
+                                      f"{logs[who]}"
+        assert lab.wait_handshake("alice", LIMIT) and lab.wait_handshake("bob", LIMIT)
+        times.append(time.monotonic() - start)
+        assert f"sprayed 512 empty datagrams to {hard_pub} ports" in logs[easy], logs[easy]
+        assert "sprayed" not in logs[hard].replace("sprayed=0", ""), logs[hard]
+        # The hard side set the easy side's endpoint; the easy side's WireGuard followed
+        # the hard side's handshake to the port its NAT picked, inside the block.
+        assert lab.endpoint(hard) == f"{easy_pub}:51820"
+        ip, port = lab.endpoint(easy).rsplit(":", 1)
+        assert ip == hard_pub and BLOCK[0] <= int(port) <= BLOCK[1], lab.endpoint(easy)
+        assert lab.ping(hard, lab.info[f"{easy.upper()}_TUN"], count=1)
+        # Counted at the router: the spray plus one poke, only toward the reported address.
+        to_hard, elsewhere = _counts(lab, easy_nat)
+        assert (to_hard, elsewhere) == (513 * (run + 1), 0)
+        lab.stop(server)
+        _reset(lab)
+    print(f"{nat_a}/{nat_b}: seconds to a handshake on both sides: "
+          + ", ".join(f"{t:.2f}" for t in times))
+    assert max(times) < LIMIT
+
+
+def test_without_the_spray_no_direct_tunnel(make_lab, tmp_path) -> None:
+    """The control: the same lab with --no-spray on the easy side gives no handshake."""
+    lab = make_lab("symmetric", "cone", v2=True, probe_port=PROBE_PORT,
+                   sym_ports=f"{BLOCK[0]}-{BLOCK[1]}")
+    lab.start_server()
+    a = lab.punch("alice", "--wait", "--timeout", "7", "--state-dir", str(tmp_path / "a"))
+    time.sleep(0.3)
+    b = lab.punch("bob", "--wait", "--timeout", "7", "--no-spray", "--state-dir",
+                  str(tmp_path / "b"))
+    for p in (a, b):
+        p.communicate(timeout=30)
+        assert p.returncode == 8  # no handshake
+
+
+def test_daemons_keep_the_sprayed_tunnel_across_re_asks(make_lab, tmp_path) -> None:
+    """--daemon on both sides: the server keeps reporting the hard side's registered
+    port, while the easy side's WireGuard has roamed to the port the hard NAT picked for
+    it; re-asking must keep the roamed endpoint (the tunnel works), not undo it."""
+    lab = make_lab("symmetric", "cone", v2=True, probe_port=PROBE_PORT,
+                   sym_ports=f"{BLOCK[0]}-{BLOCK[1]}")
+    lab.start_server()
+    a = lab.punch("alice", "--daemon", "--interval", "2", "--state-dir", str(tmp_path / "a"))
+    time.sleep(0.3)
+    b = lab.punch("bob", "--daemon", "--interval", "2", "--state-dir", str(tmp_path / "b"))
+    assert lab.wait_handshake("alice", LIMIT) and lab.wait_handshake("bob", LIMIT)
+    roamed = lab.endpoint("bob")
+    time.sleep(5)  # two and a half intervals: each side re-asked a few times
+    assert lab.endpoint("bob") == roamed and lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
+    assert lab.ping("alice", lab.info["BOB_TUN"]) and lab.ping("bob", lab.info["ALICE_TUN"])
+    _, b_err = lab.stop(b)
+    lab.stop(a)
+    assert b_err.count("sprayed 512 empty datagrams") == 1, b_err

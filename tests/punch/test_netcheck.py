@@ -1,0 +1,92 @@
+"""The pure NAT verdict (punch/netcheck.py) on crafted observations: every class, lost
+probes, IPv6 and IPv4-mapped forms, and what each verdict means for peers."""
+
+from __future__ import annotations
+
+import pytest
+
+from punch.netcheck import Observations, advice, decide, pair_advice
+from rendezvous.nat import Mapping, NatVerdict
+
+LOCAL = ("192.168.1.2", 51820)
+PUB = "203.0.113.2"
+
+
+def obs(primary, port=None, address=None, probed=False, local=LOCAL) -> Observations:
+    return Observations(local, primary, port, address, address_probed=probed)
+
+
+CASES = [
+    # (observations, mapping, port preserved, public)
+    (obs(LOCAL, LOCAL), Mapping.NONE, True, LOCAL),
+    (obs(LOCAL, None), Mapping.NONE, True, LOCAL),  # no NAT is known from the primary alone
+    (obs((PUB, 51820), (PUB, 51820)), Mapping.ENDPOINT_INDEPENDENT, True, (PUB, 51820)),
+    (obs((PUB, 40001), (PUB, 40001)), Mapping.ENDPOINT_INDEPENDENT, False, (PUB, 40001)),
+    (obs((PUB, 51820), (PUB, 51820), (PUB, 51820), probed=True),
+     Mapping.ENDPOINT_INDEPENDENT, True, (PUB, 51820)),
+    (obs((PUB, 51820), (PUB, 51820), (PUB, 40002), probed=True),
+     Mapping.ADDRESS_DEPENDENT, True, (PUB, 51820)),
+    (obs((PUB, 51820), (PUB, 51820), ("203.0.113.9", 51820), probed=True),  # paired pooling
+     Mapping.ADDRESS_DEPENDENT, True, (PUB, 51820)),
+    (obs((PUB, 51820), (PUB, 33333)), Mapping.ADDRESS_AND_PORT_DEPENDENT, True, (PUB, 51820)),
+    (obs((PUB, 2000), (PUB, 2001), (PUB, 2002), probed=True),
+     Mapping.ADDRESS_AND_PORT_DEPENDENT, False, (PUB, 2000)),
+    (obs((PUB, 2000), ("203.0.113.3", 2000)), Mapping.ADDRESS_AND_PORT_DEPENDENT, False,
+     (PUB, 2000)),
+    (obs(None, (PUB, 51820)), Mapping.UNKNOWN, False, None),
+    (obs((PUB, 51820), None), Mapping.UNKNOWN, False, (PUB, 51820)),
+    # IPv6 without NAT66; the server writes IPv4 as ::ffff:a.b.c.d in v2
+    (obs(("2001:db8:a::2", 51820), ("2001:db8:a:0::2", 51820), local=("2001:db8:a::2", 51820)),
+     Mapping.NONE, True, ("2001:db8:a::2", 51820)),
+    (obs(("::ffff:203.0.113.2", 51820), (PUB, 51820)), Mapping.ENDPOINT_INDEPENDENT, True,
+     (PUB, 51820)),
+]
+
+
+@pytest.mark.parametrize(("o", "mapping", "kept", "public"), CASES)
+def test_verdicts(o: Observations, mapping: Mapping, kept: bool, public) -> None:
+    v = decide(o)
+    assert v.nat.mapping is mapping, v.reason
+    assert v.public == public
+    if mapping is not Mapping.UNKNOWN:
+        assert v.nat.port_preserved is kept
+        assert v.code == int(mapping) | (0x10 if kept else 0)
+    else:
+        assert v.code == 0
+
+
+def test_reasons_name_what_was_seen() -> None:
+    assert decide(obs(None)).reason == "no reply from the server's port to the probe"
+    assert "--probe-port" in decide(obs((PUB, 51820))).reason
+    v = decide(obs((PUB, 51820), (PUB, 33333)))
+    assert "203.0.113.2:51820" in v.reason and "203.0.113.2:33333" in v.reason
+    # Without a second address, the verdict says it compared ports only.
+    assert decide(obs((PUB, 1), (PUB, 1))).reason.endswith("at two ports")
+    assert not decide(obs((PUB, 1), (PUB, 1))).addresses_compared
+    lost = decide(obs((PUB, 1), (PUB, 1), None, probed=True))
+    assert "second address did not answer" in lost.reason and not lost.addresses_compared
+    both = decide(obs((PUB, 1), (PUB, 1), (PUB, 1), probed=True))
+    assert both.addresses_compared and "two ports and two addresses" in both.reason
+
+
+def test_advice_per_class() -> None:
+    eim = NatVerdict(Mapping.ENDPOINT_INDEPENDENT, True)
+    sym = NatVerdict(Mapping.ADDRESS_AND_PORT_DEPENDENT, False)
+    assert "any peer that is not behind a symmetric NAT" in advice(eim)
+    assert "WireGuard's own" in advice(eim)
+    assert "WireGuard's own" not in advice(NatVerdict(Mapping.ENDPOINT_INDEPENDENT, False))
+    assert advice(sym).startswith("symmetric:") and "relay" in advice(sym)
+    assert advice(NatVerdict(Mapping.ADDRESS_DEPENDENT, True)).startswith("address-dependent")
+    assert advice(NatVerdict(Mapping.NONE, True)).startswith("no NAT")
+    assert advice(NatVerdict()).startswith("unknown")
+
+
+def test_pair_advice() -> None:
+    none, eim = NatVerdict(Mapping.NONE, True), NatVerdict(Mapping.ENDPOINT_INDEPENDENT, True)
+    sym = NatVerdict(Mapping.ADDRESS_AND_PORT_DEPENDENT, False)
+    adm = NatVerdict(Mapping.ADDRESS_DEPENDENT, False)
+    assert pair_advice(eim, none).startswith("direct (")
+    assert pair_advice(sym, eim) == pair_advice(eim, sym)
+    assert "spray" in pair_advice(sym, eim)
+    assert pair_advice(sym, adm).startswith("a relay")
+    assert pair_advice(NatVerdict(), eim).startswith("unknown")
