@@ -37,8 +37,16 @@ from .v2.wire import BIND_LEN, MsgType, WireError, header
 if TYPE_CHECKING:
     from .v2.crypto import ServerCrypto
 
-__all__ = ["Allocation", "DROP_REASONS", "Relay", "RelayConfig", "RelayError", "RelayTable",
-           "parse_ports", "ports_text"]
+__all__ = [
+    "DROP_REASONS",
+    "Allocation",
+    "Relay",
+    "RelayConfig",
+    "RelayError",
+    "RelayTable",
+    "parse_ports",
+    "ports_text",
+]
 
 Source = bytes
 
@@ -89,7 +97,7 @@ class RelayConfig:
 class Allocation:
     """One pair's relay: its port, each side's bound source and last bind timestamp."""
 
-    __slots__ = ("keys", "port", "bound", "bind_ts", "packets", "bytes", "created", "active")
+    __slots__ = ("active", "bind_ts", "bound", "bytes", "created", "keys", "packets", "port")
 
     def __init__(self, a: bytes, b: bytes, port: int, now: float) -> None:
         self.keys = (a, b)

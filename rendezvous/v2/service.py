@@ -24,7 +24,15 @@ from ..ratelimit import RateLimiter
 from ..relay import Relay, RelayConfig, RelayTable
 from .crypto import AuthError, ServerCrypto
 from .state import V2Registry
-from .wire import FLAG_RELAY, Endpoint, NotifyBody, RelayBody, ReplyBody, Status, WireError
+from .wire import (
+    FLAG_RELAY,
+    Endpoint,
+    NotifyBody,
+    RelayBody,
+    ReplyBody,
+    Status,
+    WireError,
+)
 
 __all__ = ["Notification", "V2Config", "V2Service", "COUNTERS"]
 

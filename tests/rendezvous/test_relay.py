@@ -11,7 +11,14 @@ from rendezvous.service import Config, Service
 from rendezvous.v2.crypto import AuthError, ClientCrypto, ServerCrypto
 from rendezvous.v2.keys import generate_private_key
 from rendezvous.v2.wire import (
-    BIND_LEN, FLAG_RELAY, RELAY_LEN, REQUEST_LEN, BindBody, Endpoint, RelayBody, RequestBody,
+    BIND_LEN,
+    FLAG_RELAY,
+    RELAY_LEN,
+    REQUEST_LEN,
+    BindBody,
+    Endpoint,
+    RelayBody,
+    RequestBody,
     WireError,
 )
 
