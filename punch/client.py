@@ -58,6 +58,7 @@ class Options:
     server_key: bytes | None = None      # v2: the server's pinned public key
     families: tuple[int, ...] = (4, 6)   # v2: the address families to use
     observers: tuple[Observer, ...] = ()  # see punch.observe: state file, metrics
+    relay: v2machine.RelayTiming | None = None  # v2: the relay fallback (None: off)
 
 
 @dataclass

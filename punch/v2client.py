@@ -22,7 +22,7 @@ from rendezvous.logsetup import peer_fields
 from .client import Client, Options, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
 from .machine import Punch
-from .v2machine import PunchV2, Send
+from .v2machine import Bind, PunchV2, Send
 
 if TYPE_CHECKING:
     from rendezvous.v2.crypto import ClientCrypto
@@ -45,11 +45,13 @@ class ClientV2(Client):
         self.failed_channels = 0
         self.auth_failed = 0
         self.malformed = 0
+        self.bind_failed = 0
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
         opts = self.opts
-        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families)
+        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families,
+                       relay=opts.relay)
 
     def _resolve(self) -> None:
         self.servers = resolve_servers(self.opts.server, self.opts.families)
@@ -83,7 +85,7 @@ class ClientV2(Client):
             raise ServerUnreachable(f"no route to the server {self._server_text()}")
         # Only the families that opened are asked over.
         self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
-                               families=[c.family for c in self.channels])
+                               families=[c.family for c in self.channels], relay=opts.relay)
 
     def summary(self) -> str:
         assert not isinstance(self.machine, Punch)
@@ -94,7 +96,13 @@ class ClientV2(Client):
                 f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
-                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
+                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}"
+                + (f" relay_asked={c.relay_asked} relay_offers={c.relay_offers} "
+                   f"relay_old={c.relay_old} binds={c.binds} bind_failed={self.bind_failed} "
+                   f"upgrade_tries={c.upgrade_tries} upgrades={c.upgrades} paths="
+                   + ",".join(f"{short_key(st.key)}:{st.path or 'none'}"
+                              for st in self.machine.peers.values())
+                   if self.opts.relay is not None else ""))
 
     def _send_due(self, now: float) -> None:
         machine = self.machine
@@ -107,11 +115,35 @@ class ClientV2(Client):
                 channel = next(c for c in self.channels if c.family == action.family)
                 channel.send_to_server(self.crypto.seal_request(action.body))
             else:
-                self.apply(action)
+                self._act(action)
+
+    def _act(self, action: object) -> None:
+        if isinstance(action, Bind):
+            self._send_bind(action)
+        else:
+            self.apply(action)  # type: ignore[arg-type]
+
+    def _send_bind(self, action: Bind) -> None:
+        """The bind to the relay, from WireGuard's port: the relay learns the public
+        address:port that WireGuard's own packets to it will come from."""
+        from rendezvous.v2.wire import BindBody
+
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        relay = action.relay
+        channel = self._channel_for(relay.ip)
+        datagram = self.crypto.seal_bind(BindBody(machine.stamp(time.time_ns()), action.peer))
+        if channel is None or not channel.send((relay.ip, relay.port), datagram):
+            self.bind_failed += 1
+            log.info("peer %s: cannot send the bind to the relay %s", short_key(action.peer),
+                     relay, extra=peer_fields(action.peer, relay))
+            return
+        log.debug("peer %s: bind sent to the relay %s", short_key(action.peer), relay,
+                  extra=peer_fields(action.peer, relay))
 
     def _take_replies(self, channel: RawChannel) -> None:
         from rendezvous.v2.crypto import AuthError
-        from rendezvous.v2.wire import NotifyBody, WireError
+        from rendezvous.v2.wire import NotifyBody, RelayBody, WireError
 
         machine = self.machine
         assert self.crypto is not None and not isinstance(machine, Punch)
@@ -132,12 +164,16 @@ class ClientV2(Client):
             if isinstance(body, NotifyBody):
                 log.debug("notify over IPv%d: peer %s", channel.family, short_key(body.peer))
                 actions = machine.on_notify(now, body, channel.family)
+            elif isinstance(body, RelayBody):
+                log.debug("relay over IPv%d: peer %s at %s", channel.family,
+                          short_key(body.peer), body.relay)
+                actions = machine.on_relay(now, body)
             else:
                 log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
                           body.status.name.lower())
                 actions = machine.on_reply(now, body, channel.family)
             for action in actions:
-                self.apply(action)
+                self._act(action)
 
     def _silent(self) -> str:
         port = next(iter(self.servers.values()))[1]
