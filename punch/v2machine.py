@@ -398,8 +398,9 @@ class PunchV2:
         self.replied = True
         r = self.relay
         bind = self._bind(st, body.relay, now)
-        if st.relay == body.relay and st.trying is None:
-            return [bind]  # the same relay (perhaps a new allocation): bind again
+        if st.relay == body.relay:
+            return [bind]  # the same relay (perhaps a new allocation): bind again; a try
+            # of the direct path goes on
         why = st.relay_why if st.relay_wanted else "asked for by the peer"
         st.relay_wanted = True
         st.relay, st.relayed_at, st.trying = body.relay, now, None

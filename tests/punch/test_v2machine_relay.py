@@ -154,6 +154,9 @@ def test_a_failed_try_of_the_direct_path_goes_back_to_the_relay_and_backs_off() 
     [t] = [a for a in m.poll(40.3, WALL) if isinstance(a, Apply)]
     assert t.endpoint == B4 and "trying the direct path for 5s" in t.reason
     assert m.peers[P1].path == "trying direct" and m.counters.upgrade_tries == 1
+    # the relay offered again meanwhile (the peer's daemon re-asked): the try goes on
+    assert m.on_relay(41.0, RelayBody(WALL + 20, 0, P1, R)) == [Bind(P1, R)]
+    assert m.peers[P1].path == "trying direct"
     device(m, 43.0, ep=B4, hs_at=11.0, rx=1000)  # nothing from the peer since
     assert not [a for a in m.poll(44.0, WALL) if isinstance(a, Apply)]
     [back] = [a for a in m.poll(45.4, WALL) if isinstance(a, Apply)]

@@ -1,0 +1,105 @@
+"""The relay fallback end to end in the netns lab: two symmetric NATs (no direct path
+can form), wg-rendezvous --key --relay-port, wg-punch --server-key on both sides, real
+wireguard-go. The tunnel forms through the relay, pings work both ways, the server
+counts what it relayed, and a datagram to the relay port from a source nobody bound
+(the inet router) is not forwarded but counted."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.lab.lablib import PROBE, Lab
+
+pytestmark = pytest.mark.lab
+
+RELAY_PORT = "49919"
+
+
+def _final_stats(err: str) -> dict[str, int]:
+    lines = [line for line in err.splitlines() if " stats: " in line]
+    assert lines, err[-3000:]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", lines[-1])}
+
+
+def _one_shot(lab: Lab, *extra: str) -> dict[str, str]:
+    procs = {h: lab.punch(h, "--wait", "--timeout", "40", "--relay-after", "3", *extra)
+             for h in ("alice", "bob")}
+    logs = {}
+    for who, p in procs.items():
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"wg-punch on {who} hung past its own --timeout: {lab.stop(p)[1]}")
+        logs[who] = err.decode(errors="replace")
+        assert p.returncode == 0, f"wg-punch on {who} exited {p.returncode}:\n{logs[who]}"
+    return logs
+
+
+def test_symmetric_pair_tunnels_through_the_relay(make_lab) -> None:
+    lab = make_lab("symmetric", "symmetric", v2=True)
+    server = lab.start_server("--relay-port", RELAY_PORT)
+    logs = _one_shot(lab)
+    relay = f"{lab.server}:{RELAY_PORT}"
+    assert lab.endpoint("alice") == relay
+    assert lab.endpoint("bob") == relay
+    for who, text in logs.items():
+        assert re.search(rf"endpoint {re.escape(relay)} \(relay \(", text), text
+        assert re.search(r"paths=\S+:relay", text), text
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"]), "alice cannot ping bob through the relay"
+    assert lab.ping("bob", lab.info["ALICE_TUN"]), "bob cannot ping alice through the relay"
+    # A stranger (the inet router, which registered nothing) sends to the relay port:
+    # nothing comes back, nothing is forwarded, and the server counts it.
+    answers = lab.run("inet", [sys.executable, PROBE, "ask", "40000", relay, relay, relay]).stdout
+    assert answers.split() == ["-", "-", "-"], answers
+    _, err = lab.stop(server)
+    stats = _final_stats(err)
+    assert stats["v2_relay_allocated"] == 1, stats
+    assert stats["v2_relay_binds"] >= 2, stats
+    # the pings (3 + 3 echo requests and as many replies) and the handshake went through it
+    assert stats["v2_relay_forwarded"] >= 14, stats
+    assert stats["v2_relay_forwarded_bytes"] > 12 * 84, stats
+    assert stats["v2_relay_dropped_unbound"] >= 3, stats
+    assert stats["relay_send_failed"] == 0, stats
+
+
+def test_without_the_relay_the_symmetric_pair_fails_and_says_so(make_lab) -> None:
+    """The control: the same lab with --no-relay never forms a tunnel."""
+    lab = make_lab("symmetric", "symmetric", v2=True)
+    lab.start_server("--relay-port", RELAY_PORT)
+    p = lab.punch("alice", "--wait", "--timeout", "8", "--no-relay")
+    q = lab.punch("bob", "--wait", "--timeout", "8", "--no-relay")
+    for proc in (p, q):
+        _, err = proc.communicate(timeout=40)
+        assert proc.returncode == 8, err.decode()  # no handshake
+    assert lab.endpoint("alice") != f"{lab.server}:{RELAY_PORT}"
+
+
+def test_daemon_on_the_relay_tries_the_direct_path_and_comes_back(make_lab) -> None:
+    """Daemons relay, then try the (impossible) direct path after --relay-upgrade
+    seconds for a bounded window, log it, go back to the relay, and the tunnel still
+    works."""
+    lab = make_lab("symmetric", "symmetric", v2=True)
+    lab.start_server("--relay-port", RELAY_PORT)
+    args = ("--daemon", "--relay-after", "3", "--relay-upgrade", "4", "--interval", "10")
+    a, b = lab.punch("alice", *args), lab.punch("bob", *args)
+    from tests.lab.test_v2_lab import _LogReader
+
+    log = _LogReader(a)
+    relay = f"{lab.server}:{RELAY_PORT}"
+    log.wait_for(rf"endpoint {re.escape(relay)} \(relay \(", 30)
+    log.wait_for(r"\(trying the direct path for 5s", 30)
+    back = log.wait_for(r"\(back to the relay: ", 30)
+    assert "next try in 8s" in back, back
+    assert lab.endpoint("alice") == relay
+    assert lab.ping_until("alice", lab.info["BOB_TUN"], 15)
+    assert lab.ping("bob", lab.info["ALICE_TUN"])
+    for p in (a, b):
+        assert p.poll() is None, "a daemon exited"
+        p.terminate()
+        assert p.wait(10) == 0
+        lab.procs.remove(p)
