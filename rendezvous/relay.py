@@ -259,7 +259,7 @@ class RelayTable:
         self.drops[reason] += 1
 
     def snapshot(self) -> dict[str, int]:
-        return {"pairs": len(self._pairs), "allocated": self.allocated, "expired": self.expired,
+        return {"pairs_active": len(self._pairs), "allocated": self.allocated, "expired": self.expired,
                 "binds": self.binds, "forwarded": self.forwarded,
                 "forwarded_bytes": self.forwarded_bytes,
                 **{f"refused_{k}": v for k, v in self.refused.items()},
