@@ -64,6 +64,7 @@ def _record(st: PeerState, to_wall: Callable[[float], float]) -> PeerRecord:
         answered_at=to_wall(answered_at) if answered_at is not None else None,
         applied=str(st.applied) if st.applied is not None else None,
         applied_at=to_wall(st.applied_at) if st.applied_at is not None else None,
+        path=getattr(st, "path", None) or None,  # v2 only
     )
 
 

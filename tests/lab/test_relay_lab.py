@@ -6,9 +6,11 @@ counts what it relayed, and a datagram to the relay port from a source nobody bo
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +27,9 @@ def _final_stats(err: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", lines[-1])}
 
 
-def _one_shot(lab: Lab, *extra: str) -> dict[str, str]:
-    procs = {h: lab.punch(h, "--wait", "--timeout", "40", "--relay-after", "3", *extra)
+def _one_shot(lab: Lab, state: Path, *extra: str) -> dict[str, str]:
+    procs = {h: lab.punch(h, "--wait", "--timeout", "40", "--relay-after", "3",
+                          "--state-dir", str(state / h), *extra)
              for h in ("alice", "bob")}
     logs = {}
     for who, p in procs.items():
@@ -39,16 +42,20 @@ def _one_shot(lab: Lab, *extra: str) -> dict[str, str]:
     return logs
 
 
-def test_symmetric_pair_tunnels_through_the_relay(make_lab) -> None:
+def test_symmetric_pair_tunnels_through_the_relay(make_lab, tmp_path) -> None:
     lab = make_lab("symmetric", "symmetric", v2=True)
     server = lab.start_server("--relay-port", RELAY_PORT)
-    logs = _one_shot(lab)
+    logs = _one_shot(lab, tmp_path)
     relay = f"{lab.server}:{RELAY_PORT}"
     assert lab.endpoint("alice") == relay
     assert lab.endpoint("bob") == relay
     for who, text in logs.items():
         assert re.search(rf"endpoint {re.escape(relay)} \(relay \(", text), text
         assert re.search(r"paths=\S+:relay", text), text
+        status = lab.run(who, [sys.executable, "-m", "punch", "status", "wg0", "--json",
+                               "--state-dir", str(tmp_path / who)]).stdout
+        (peer,) = json.loads(status)["peers"]
+        assert peer["path"] == "relay" and peer["endpoint"] == relay, status
     assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
     assert lab.ping("alice", lab.info["BOB_TUN"]), "alice cannot ping bob through the relay"
     assert lab.ping("bob", lab.info["ALICE_TUN"]), "bob cannot ping alice through the relay"
