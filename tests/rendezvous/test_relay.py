@@ -273,3 +273,49 @@ def test_a_forged_request_with_the_flag_allocates_nothing() -> None:
     forged[-1] ^= 1
     assert svc.handle(bytes(forged), SX, 0.1, wall_ns=WALL) is None
     assert svc.v2 is not None and svc.v2.relay is not None and len(svc.v2.relay.table) == 0
+
+
+def test_types_4_and_5_match_an_independent_construction_from_the_document() -> None:
+    """Bind and relay datagrams built with struct and the cryptography primitives
+    straight from docs/PROTOCOL.md ("Relay"), no wgpunch code, open with the codec; and
+    the codec's own output has the documented layout."""
+    import struct
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    def pub(priv: bytes) -> bytes:
+        return X25519PrivateKey.from_private_bytes(priv).public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw)
+
+    cpriv = generate_private_key()
+    cpub, spub = pub(cpriv), pub(SERVER_PRIV)
+    ss = X25519PrivateKey.from_private_bytes(cpriv).exchange(
+        X25519PublicKey.from_public_bytes(spub))
+    okm = HKDF(SHA256(), 64, b"wgpunch v2 rendezvous", cpub + spub).derive(ss)
+    c2s, s2c = ChaCha20Poly1305(okm[:32]), ChaCha20Poly1305(okm[32:])
+    nonce = bytes(range(12))
+    # bind: header || client_public || nonce || seal(timestamp || peer)
+    ad = b"wgp\x02\x05\x00\x00\x00" + cpub
+    bind = ad + nonce + c2s.encrypt(nonce, struct.pack("!Q32s", 1796000000123456789, B), ad)
+    assert len(bind) == 108
+    server = ServerCrypto(SERVER_PRIV)
+    assert server.open_bind(bind) == (cpub, BindBody(1796000000123456789, B))
+    # relay: header || nonce || seal(server_time, request_id, flags, reserved, peer, relay)
+    hdr = b"wgp\x02\x04\x00\x00\x00"
+    plain = (struct.pack("!QIB3s32s", 1796000000124256789, 0x1234ABCD, 0, bytes(3), B)
+             + bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 2]) + struct.pack("!H", 49919))
+    relay = hdr + nonce + s2c.encrypt(nonce, plain, hdr)
+    assert len(relay) == 102
+    client = ClientCrypto(cpriv, spub)
+    assert client.open(relay) == RelayBody(1796000000124256789, 0x1234ABCD, B,
+                                           Endpoint("198.51.100.2", 49919))
+    # and the codec seals to exactly those bytes with the same nonce
+    assert client.seal_bind(BindBody(1796000000123456789, B), nonce) == bind
+    assert server.seal_relay(cpub, client.open(relay), nonce) == relay
