@@ -11,6 +11,9 @@ Prints one line per path and run; nothing is asserted. Needs root, like the lab.
     sudo scripts/relay_bench.py                 # 2 runs of 5 s per path
     sudo scripts/relay_bench.py -n 3 --seconds 10
 
+"tunnel in" is the time from starting both wg-punch --wait --relay-after 3 clients to
+both having seen a handshake (through the relay: the 3 s deadline, then one round trip).
+
 The figures are those of this machine: wireguard-go in userspace on both ends, the
 relay a single-threaded Python loop, every namespace on the same (shared) cores.
 """
@@ -124,12 +127,14 @@ def _run_path(path: str, seconds: float, size: int) -> str:
     try:
         lab.up()
         server = lab.start_server("--relay-port", RELAY_PORT)
+        t0 = time.monotonic()
         clients = [lab.punch(h, "--wait", "--timeout", "40", "--relay-after", "3")
                    for h in ("alice", "bob")]
         for c in clients:
             c.communicate(timeout=60)
             if c.returncode != 0:
                 return f"{path}: wg-punch exited {c.returncode}"
+        ttt = time.monotonic() - t0  # both --wait clients saw their handshake
         lab.procs[:] = [p for p in lab.procs if p not in clients]
         endpoint = lab.endpoint("alice")
         if not lab.ping_until("alice", lab.info["BOB_TUN"], 15):
@@ -142,7 +147,8 @@ def _run_path(path: str, seconds: float, size: int) -> str:
         mbit = tcp.get("bytes", 0) * 8 / max(tcp.get("seconds", 1), 1e-9) / 1e6
         pps = udp.get("packets", 0) / max(udp.get("seconds", 1), 1e-9)
         sent = udp.get("sent", 0)
-        return (f"{path:6} endpoint={endpoint:22} tcp={mbit:7.1f} Mbit/s   udp {size} B: "
+        return (f"{path:6} endpoint={endpoint:22} tunnel in {ttt:4.1f}s  tcp={mbit:6.1f} Mbit/s  "
+                f"udp {size} B: "
                 f"{pps:8.0f} pkt/s received ({udp.get('packets', 0):.0f} of {sent:.0f} sent)   "
                 f"relay forwarded={relayed.get('v2_relay_forwarded', '0')} datagrams, "
                 f"{int(relayed.get('v2_relay_forwarded_bytes', '0')) / 1e6:.1f} MB")
