@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,46 @@ def test_daemon_on_the_relay_tries_the_direct_path_and_comes_back(make_lab) -> N
     assert lab.ping("bob", lab.info["ALICE_TUN"])
     for p in (a, b):
         assert p.poll() is None, "a daemon exited"
+        p.terminate()
+        assert p.wait(10) == 0
+        lab.procs.remove(p)
+
+
+def test_relayed_pair_moves_to_the_direct_path_when_it_works(make_lab) -> None:
+    """Cone NATs with an (absurdly) short --relay-after: the pair goes to the relay before
+    its direct handshake, then leaves it, logged, with the tunnel up all along: each side
+    either by its bounded try of the direct endpoint (traffic flowing) or because its
+    WireGuard roamed to the peer's direct endpoint (the peer's try, or the peer's early
+    direct handshake, reached it)."""
+    lab = make_lab("cone", "cone", v2=True)
+    lab.start_server("--relay-port", RELAY_PORT)
+    args = ("--daemon", "--relay-after", "0.01", "--relay-upgrade", "3", "--interval", "10")
+    a, b = lab.punch("alice", *args), lab.punch("bob", *args)
+    from tests.lab.test_v2_lab import _LogReader
+
+    logs = {"alice": _LogReader(a), "bob": _LogReader(b)}
+    relay = f"{lab.server}:{RELAY_PORT}"
+    for log in logs.values():
+        log.wait_for(rf"endpoint {re.escape(relay)} \(relay \(", 20)
+    # traffic through the tunnel while the tries run (the try's proof is the peer's
+    # packets arriving over the direct endpoint)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+            "off the relay" in log.text for log in logs.values()):
+        lab.ping("alice", lab.info["BOB_TUN"], count=2)
+        for log in logs.values():
+            try:
+                log.wait_for(r"off the relay", 0.1)
+            except AssertionError:
+                pass
+    for log in logs.values():
+        line = log.wait_for(r"\((direct path works within 5s: |WireGuard roamed to \S+: "
+                            r"direct, )off the relay\)", 1)
+        assert relay not in line.split("(")[0], line
+    assert lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
+    assert lab.endpoint("bob") == f"{lab.info['PUB_A']}:51820"
+    assert lab.ping("alice", lab.info["BOB_TUN"]) and lab.ping("bob", lab.info["ALICE_TUN"])
+    for p in (a, b):
         p.terminate()
         assert p.wait(10) == 0
         lab.procs.remove(p)
