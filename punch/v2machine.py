@@ -38,7 +38,7 @@ peer (an older or replayed one is counted and refused).
 
 Relay (with a :class:`RelayTiming`; docs/PROTOCOL.md, "Relay"). A peer whose direct
 endpoint gave no handshake ``after`` seconds after we first set it (or at once, when
-both NAT verdicts are in ``immediate_nat``) is asked for again with the relay flag; so
+``at_once(our NAT byte, the peer's)`` says so) is asked for again with the relay flag; so
 is every later request for it while it is relayed, so the server's allocation stays
 the one we use. A relay message (to our request, or because the peer asked) newer than
 the last one accepted for the peer is acted on: :class:`Bind` (the shell sends a bind
@@ -125,7 +125,9 @@ class Bind:
 @dataclass(frozen=True)
 class RelayTiming:
     after: float = 10.0          # no handshake this long after the direct endpoint: relay
-    immediate_nat: frozenset[int] = frozenset()  # both verdicts in here: relay at once
+    # (our NAT byte, the peer's) -> relay at once, without the deadline; None: never. For
+    # the NAT verdicts of netcheck ("both symmetric"), wired where those are defined.
+    at_once: Callable[[int, int], bool] | None = None
     rebind: float = 2.0          # re-send the bind this often until a handshake over it
     keep_bound: float = 20.0     # ... and then this often
     upgrade_every: float = 30.0  # first try of the direct endpoint after going relayed
@@ -673,7 +675,7 @@ class PunchV2:
     def _relay_due(self, st: PeerState, now: float) -> bool:
         r = self.relay
         assert r is not None
-        if st.peer_nat in r.immediate_nat and self.nat in r.immediate_nat and st.applied:
+        if r.at_once is not None and st.applied is not None and r.at_once(self.nat, st.peer_nat):
             return True
         return (st.punch_since is not None and now >= st.punch_since + r.after
                 and not self._handshake_this_run(st))

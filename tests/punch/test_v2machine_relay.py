@@ -125,8 +125,8 @@ def test_relay_off_never_asks_and_ignores_offers() -> None:
     assert m.peers[P1].applied == B4
 
 
-def test_both_nats_in_immediate_nat_ask_at_once() -> None:
-    m = machine(relay=RelayTiming(immediate_nat=frozenset({9})), nat=9)
+def test_both_nats_hard_ask_at_once() -> None:
+    m = machine(relay=RelayTiming(at_once=lambda mine, theirs: mine == theirs == 9), nat=9)
     [s] = m.poll(0.0, WALL)
     [_] = m.on_reply(0.1, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,), peer_nat=9),
                      4)
@@ -204,3 +204,11 @@ def test_wireguard_roaming_to_a_direct_endpoint_is_an_upgrade() -> None:
     [up] = [a for a in m.poll(15.0, WALL) if isinstance(a, Apply)]
     assert up.endpoint == other and "roamed" in up.reason
     assert m.peers[P1].path == "direct"
+
+
+def test_at_once_false_waits_for_the_deadline() -> None:
+    m = machine(relay=RelayTiming(at_once=lambda mine, theirs: mine == theirs == 9), nat=1)
+    [s] = m.poll(0.0, WALL)
+    m.on_reply(0.1, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,), peer_nat=9), 4)
+    assert not [a for a in m.poll(0.2, WALL) if isinstance(a, Send) and a.body.flags]
+    assert m.counters.relay_asked == 0
