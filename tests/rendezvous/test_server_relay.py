@@ -41,11 +41,15 @@ def _relay_message(peer: Peer, sock: socket.socket) -> RelayBody:
     raise AssertionError("no relay message")
 
 
-@pytest.fixture(params=["mmsg", "plain"])
+@pytest.fixture(params=[("mmsg", "listen"), ("plain", "listen"), ("mmsg", "wildcard"),
+                        ("plain", "wildcard")], ids="-".join)
 def relay_server(request, tmp_path):
+    io, where = request.param
     port = _free_port()
-    s = V2Server(tmp_path, "--listen", "127.0.0.1", "--io", request.param,
-                 "--relay-port", str(port))
+    # a specific listen address is the relay's; on a wildcard one, --relay-address is
+    where_args = (["--listen", "127.0.0.1"] if where == "listen"
+                  else ["--relay-address", "127.0.0.1"])
+    s = V2Server(tmp_path, *where_args, "--io", io, "--relay-port", str(port))
     s.relay_port = port
     yield s
     s.finish()
