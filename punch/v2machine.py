@@ -638,10 +638,12 @@ class PunchV2:
         out: list[Action] = []
         view = st.view
         if st.trying is None and view is not None and view.endpoint is not None \
-                and not same_endpoint(view.endpoint, st.relay) \
-                and st.handshake_after(st.relayed_at):
-            # WireGuard moved by itself: authenticated packets from the peer came from
-            # there, not from the relay (the peer's try of the direct path reached us).
+                and st.applied_at is not None and st.view_at > st.applied_at \
+                and not same_endpoint(view.endpoint, st.relay):
+            # WireGuard moved by itself since we set the relay (a device read after
+            # that shows another endpoint): it roams only to the source of an
+            # authenticated packet from the peer, which came from there, not through
+            # the relay (the peer's try of the direct path reached us).
             ep = Endpoint(*view.endpoint)
             out.append(self._upgraded(st, ep, now, f"WireGuard roamed to {ep}: direct, "
                                                    "off the relay"))

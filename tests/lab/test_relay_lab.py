@@ -131,7 +131,7 @@ def test_relayed_pair_moves_to_the_direct_path_when_it_works(make_lab) -> None:
         log.wait_for(rf"endpoint {re.escape(relay)} \(relay \(", 20)
     # traffic through the tunnel while the tries run (the try's proof is the peer's
     # packets arriving over the direct endpoint)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 45  # tries at +3 s, then 6 and 12 s after failed ones
     while time.monotonic() < deadline and not all(
             "off the relay" in log.text for log in logs.values()):
         lab.ping("alice", lab.info["BOB_TUN"], count=2)

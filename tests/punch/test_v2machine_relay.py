@@ -212,3 +212,15 @@ def test_at_once_false_waits_for_the_deadline() -> None:
     m.on_reply(0.1, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,), peer_nat=9), 4)
     assert not [a for a in m.poll(0.2, WALL) if isinstance(a, Send) and a.body.flags]
     assert m.counters.relay_asked == 0
+
+
+def test_roaming_needs_a_device_read_after_the_relay_was_set() -> None:
+    m = machine()
+    relayed(m)  # the relay applied at 10.25
+    other = Endpoint("203.0.113.9", 40404)
+    m.update_device(10.0, DeviceView(ME, (view(ep=other, now=10.0),)))  # read before: stale
+    assert not [a for a in m.poll(10.3, WALL) if isinstance(a, Apply)]
+    # read after, with no handshake since the relay (the direct one came before): roamed
+    device(m, 11.0, ep=other, hs_at=10.1)
+    [up] = [a for a in m.poll(11.0, WALL) if isinstance(a, Apply)]
+    assert up.endpoint == other and "roamed" in up.reason
