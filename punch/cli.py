@@ -184,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="v2: reach the server over IPv4 only")
     fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
                      help="v2: reach the server over IPv6 only")
+    relay = p.add_argument_group("relay fallback (v2)")
+    relay.add_argument("--relay-after", type=_positive, default=10.0, metavar="S",
+                       help="ask the server for a relay for a peer whose direct endpoint gave "
+                            "no handshake within S seconds (default 10; the server must run "
+                            "--relay-port); with --wait or --daemon, since a one-shot run ends "
+                            "once endpoints are set")
+    relay.add_argument("--relay-upgrade", type=_positive, default=30.0, metavar="S",
+                       help="while relayed, try the direct endpoint after S seconds (doubling "
+                            "after each failed try, up to 600); a try lasts 5 s (default 30)")
+    relay.add_argument("--no-relay", action="store_true",
+                       help="never ask for a relay, and ignore relays offered for a peer")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request and reply")
     logsetup.add_argument(p)
     metrics.add_argument(p, default_port=9478)
@@ -221,6 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
 
     timing = Timing(poll=args.poll, interval=args.interval, keepalive=args.keepalive)
+    relay = None
+    if args.server_key is not None and not args.no_relay:
+        from .netcheck import relay_at_once
+        from .v2machine import RelayTiming
+
+        relay = RelayTiming(after=args.relay_after, upgrade_every=args.relay_upgrade,
+                            at_once=relay_at_once)
     opts = Options(server=args.server, interface=args.interface, timeout=args.timeout,
                    wait=args.wait, daemon=args.daemon,
                    peers=frozenset(args.peer) if args.peer else None, timing=timing,
@@ -228,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    families=(args.family,) if args.family else (4, 6),
                    probe_port=args.probe_port, probe_address=args.probe_address,
                    spray=args.spray, spray_count=args.spray_count, spray_rate=args.spray_rate,
-                   observers=observers)
+                   observers=observers, relay=relay)
     try:
         result = run(opts)
     except PunchError as e:

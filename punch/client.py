@@ -63,6 +63,7 @@ class Options:
     spray: bool = True                   # v2: spray toward a hard peer when we are easy
     spray_count: int = 512               # ... that many ports (and datagrams)
     spray_rate: float = 5000.0           # ... at most that many a second
+    relay: v2machine.RelayTiming | None = None  # v2: the relay fallback (None: off)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from rendezvous.nat import Mapping, NatVerdict
 
-__all__ = ["Addr", "Observations", "Verdict", "advice", "decide", "pair_advice"]
+__all__ = ["Addr", "Observations", "Verdict", "advice", "decide", "pair_advice", "relay_at_once"]
 
 Addr = tuple[str, int]  # (ip text, port)
 
@@ -127,6 +127,15 @@ def advice(nat: NatVerdict) -> str:
                 "predict; a direct tunnel needs the peer to be behind an easy NAT "
                 "(endpoint-independent or none, and the spray), otherwise a relay")
     return "unknown: nothing can be said about what peers need"
+
+
+def relay_at_once(mine: int, theirs: int) -> bool:
+    """From two nat bytes: both NATs map per destination (neither side's endpoint is
+    predictable), so no punch can work and the pair should go to a relay at once
+    instead of waiting out the direct attempt (the v2 machine's RelayTiming.at_once)."""
+    a = NatVerdict.from_byte(mine).mapping.easy
+    b = NatVerdict.from_byte(theirs).mapping.easy
+    return a is False and b is False
 
 
 def pair_advice(mine: NatVerdict, peer: NatVerdict) -> str:

@@ -69,6 +69,7 @@ def _record(st: PeerState, to_wall: Callable[[float], float]) -> PeerRecord:
         applied=str(st.applied) if st.applied is not None else None,
         applied_at=to_wall(st.applied_at) if st.applied_at is not None else None,
         nat=nat_name(getattr(st, "peer_nat", 0)),  # v2 only; classic peers are unknown
+        path=getattr(st, "path", None) or None,  # v2 only
     )
 
 

@@ -69,6 +69,7 @@ class PeerRecord:
     applied: str | None = None         # the endpoint wg-punch last set
     applied_at: float | None = None
     nat: str = "unknown"               # the peer's NAT verdict, as the server told it
+    path: str | None = None            # v2: "direct", "relay" or "trying direct"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def encode(state: InterfaceState) -> bytes:
         "peers": {_b64(k): {
             "status": r.status, "answer": r.answer, "answer_found": r.answer_found,
             "answered_at": r.answered_at, "applied": r.applied, "applied_at": r.applied_at,
-            "nat": r.nat} for k, r in sorted(state.peers.items())},
+            "nat": r.nat, "path": r.path} for k, r in sorted(state.peers.items())},
     }
     return (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode()
 
@@ -169,6 +170,7 @@ def decode(data: bytes) -> InterfaceState:
             applied=_get(rec, "applied", (str,), where, optional=True),
             applied_at=_time(rec, "applied_at", where),
             nat=_get(rec, "nat", (str,), where, optional=True) or "unknown",
+            path=_get(rec, "path", (str,), where, optional=True),
         )
     return InterfaceState(
         interface=_get(doc, "interface", (str,), "state"),

@@ -193,6 +193,8 @@ def render_text(report: Report, now: float) -> str:
                              f"{_ago(r.answered_at, now)}")
             if r is not None and r.applied is not None:
                 lines.append(f"  set by wg-punch: {r.applied}, {_ago(r.applied_at, now)}")
+            if r is not None and r.path is not None:
+                lines.append(f"  path: {r.path}")
         lines.append(f"  NAT: {p.nat}")
         if st is not None and "unknown" not in (st.nat, p.nat):
             lines.append(f"  direct tunnel: {_pair(st.nat, p.nat)}")
@@ -229,6 +231,7 @@ def to_json(report: Report, now: float) -> dict[str, Any]:
                         else {"endpoint": r.applied, "at": r.applied_at}),
             "status": r.status if r is not None else None,
             "nat": p.nat,
+            "path": r.path if r is not None else None,
         })
     return {
         "interface": report.interface,

@@ -24,7 +24,7 @@ from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, Server
 from .machine import Apply as ClassicApply
 from .machine import Keepalive, Punch
 from .netcheck import Verdict
-from .v2machine import Apply, PunchV2, Send, Spray, SprayConfig
+from .v2machine import Apply, Bind, PunchV2, Send, Spray, SprayConfig
 
 if TYPE_CHECKING:
     from rendezvous.v2.crypto import ClientCrypto
@@ -50,11 +50,13 @@ class ClientV2(Client):
         self.nat_verdict: Verdict | None = None  # this host's (with --probe-port)
         self._told_nat: dict[bytes, int] = {}    # the peer verdicts logged so far
         self.sprayed = 0                         # datagrams sent by sprays
+        self.bind_failed = 0
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
         opts = self.opts
-        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families)
+        return PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers, families=opts.families,
+                       relay=opts.relay)
 
     def _resolve(self) -> None:
         self.servers = resolve_servers(self.opts.server, self.opts.families)
@@ -93,7 +95,7 @@ class ClientV2(Client):
         spray = SprayConfig(opts.spray_count, opts.spray_rate) if opts.spray else None
         self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
                                families=[c.family for c in self.channels], nat=nat,
-                               spray=spray)
+                               spray=spray, relay=opts.relay)
 
     def _netcheck(self, device: Device) -> int:
         """Probe this host's NAT (over IPv4 when the server has an IPv4 address: that is
@@ -131,7 +133,13 @@ class ClientV2(Client):
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
                 f"sprays={c.sprays} sprayed={self.sprayed} "
-                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}")
+                f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}"
+                + (f" relay_asked={c.relay_asked} relay_offers={c.relay_offers} "
+                   f"relay_old={c.relay_old} binds={c.binds} bind_failed={self.bind_failed} "
+                   f"upgrade_tries={c.upgrade_tries} upgrades={c.upgrades} paths="
+                   + ",".join(f"{short_key(st.key)}:{st.path or 'none'}"
+                              for st in self.machine.peers.values())
+                   if self.opts.relay is not None else ""))
 
     def apply(self, action: ClassicApply | Apply | Keepalive | Spray) -> None:  # type: ignore[override]
         if isinstance(action, Spray):
@@ -166,11 +174,35 @@ class ClientV2(Client):
                 channel = next(c for c in self.channels if c.family == action.family)
                 channel.send_to_server(self.crypto.seal_request(action.body))
             else:
-                self.apply(action)
+                self._act(action)
+
+    def _act(self, action: object) -> None:
+        if isinstance(action, Bind):
+            self._send_bind(action)
+        else:
+            self.apply(action)  # type: ignore[arg-type]
+
+    def _send_bind(self, action: Bind) -> None:
+        """The bind to the relay, from WireGuard's port: the relay learns the public
+        address:port that WireGuard's own packets to it will come from."""
+        from rendezvous.v2.wire import BindBody
+
+        machine = self.machine
+        assert self.crypto is not None and not isinstance(machine, Punch)
+        relay = action.relay
+        channel = self._channel_for(relay.ip)
+        datagram = self.crypto.seal_bind(BindBody(machine.stamp(time.time_ns()), action.peer))
+        if channel is None or not channel.send((relay.ip, relay.port), datagram):
+            self.bind_failed += 1
+            log.info("peer %s: cannot send the bind to the relay %s", short_key(action.peer),
+                     relay, extra=peer_fields(action.peer, relay))
+            return
+        log.debug("peer %s: bind sent to the relay %s", short_key(action.peer), relay,
+                  extra=peer_fields(action.peer, relay))
 
     def _take_replies(self, channel: RawChannel) -> None:
         from rendezvous.v2.crypto import AuthError
-        from rendezvous.v2.wire import NotifyBody, WireError
+        from rendezvous.v2.wire import NotifyBody, RelayBody, WireError
 
         machine = self.machine
         assert self.crypto is not None and not isinstance(machine, Punch)
@@ -191,12 +223,16 @@ class ClientV2(Client):
             if isinstance(body, NotifyBody):
                 log.debug("notify over IPv%d: peer %s", channel.family, short_key(body.peer))
                 actions = machine.on_notify(now, body, channel.family)
+            elif isinstance(body, RelayBody):
+                log.debug("relay over IPv%d: peer %s at %s", channel.family,
+                          short_key(body.peer), body.relay)
+                actions = machine.on_relay(now, body)
             else:
                 log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
                           body.status.name.lower())
                 actions = machine.on_reply(now, body, channel.family)
             for action in actions:
-                self.apply(action)
+                self._act(action)
             self._log_peer_nat()
 
     def _log_peer_nat(self) -> None:

@@ -49,6 +49,27 @@ than racing it and being retried by WireGuard only 5 s later.
 Notify. The server's notify is the coordinated punch: it is acted on at once, but
 only if its ``server_time`` is newer than that of the last notify accepted for that
 peer (an older or replayed one is counted and refused).
+
+Relay (with a :class:`RelayTiming`; docs/PROTOCOL.md, "Relay"). A peer whose direct
+endpoint gave no handshake ``after`` seconds after we first set it (or at once, when
+``at_once(our NAT byte, the peer's)`` says so) is asked for again with the relay flag; so
+is every later request for it while it is relayed, so the server's allocation stays
+the one we use. A relay message (to our request, or because the peer asked) newer than
+the last one accepted for the peer is acted on: :class:`Bind` (the shell sends a bind
+to the relay from WireGuard's port, so the relay learns the very mapping WireGuard's
+packets will use) and then the relay endpoint is applied. The bind is repeated every
+``rebind`` seconds until a handshake is seen over the relay, then every
+``keep_bound``. Answers from the server no longer move a relayed peer.
+
+Upgrading. While relayed, the direct endpoint is tried ``upgrade_every`` seconds after
+going to the relay (doubling after each failure, up to ``upgrade_max``): it is applied
+for ``upgrade_window`` seconds. The try succeeds when, at its end, WireGuard still uses
+that endpoint and has authenticated something from the peer since the try began (a
+handshake, or received bytes: any packet that came through the relay would have moved
+WireGuard's endpoint back to the relay); then the peer is direct and the relay is let
+go (it expires at the server when idle). Otherwise the relay endpoint is applied again.
+A relayed peer whose WireGuard roams by itself to an endpoint that is not the relay
+(the peer's try reached us directly) is direct too.
 """
 
 from __future__ import annotations
@@ -59,17 +80,30 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from rendezvous.nat import NatVerdict
-from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody
+from rendezvous.v2.wire import (
+    FLAG_RELAY,
+    Endpoint,
+    NotifyBody,
+    RelayBody,
+    ReplyBody,
+    RequestBody,
+)
 from rendezvous.v2.wire import Status as Answer
 
 from .machine import Keepalive
 from .policy import (
-    DeviceView, PeerView, Status, Timing, apply_reason, format_endpoint, looks_dead,
+    DeviceView,
+    PeerView,
+    Status,
+    Timing,
+    apply_reason,
+    format_endpoint,
+    looks_dead,
     same_endpoint,
 )
 
-__all__ = ["Apply", "Counters", "Keepalive", "PeerState", "PunchV2", "Send", "Spray",
-           "SprayConfig"]
+__all__ = ["Apply", "Bind", "Counters", "Keepalive", "PeerState", "PunchV2", "RelayTiming",
+           "Send", "Spray", "SprayConfig"]
 
 FAMILIES = (4, 6)
 _REMEMBER_EXPIRED = 1024   # ids of expired requests kept to tell "late" from "unknown"
@@ -120,7 +154,29 @@ class Spray:
     rate: float
 
 
-Action = Apply | Keepalive | Spray
+
+@dataclass(frozen=True)
+class Bind:
+    """Send a bind for PEER to RELAY from WireGuard's port (the shell seals it)."""
+
+    peer: bytes
+    relay: Endpoint
+
+
+@dataclass(frozen=True)
+class RelayTiming:
+    after: float = 10.0          # no handshake this long after the direct endpoint: relay
+    # (our NAT byte, the peer's) -> relay at once, without the deadline; None: never. For
+    # the NAT verdicts of netcheck ("both symmetric"), wired where those are defined.
+    at_once: Callable[[int, int], bool] | None = None
+    rebind: float = 2.0          # re-send the bind this often until a handshake over it
+    keep_bound: float = 20.0     # ... and then this often
+    upgrade_every: float = 30.0  # first try of the direct endpoint after going relayed
+    upgrade_max: float = 600.0   # the delay between tries doubles up to this
+    upgrade_window: float = 5.0  # a try without proof by then goes back to the relay
+
+
+Action = Apply | Keepalive | Spray | Bind
 
 
 @dataclass
@@ -160,6 +216,29 @@ class PeerState:
     v6_before: bool = False            # WireGuard had made a handshake at the IPv6
                                        # endpoint we applied, just before we did
     rx_changed_at: float = 0.0
+    # relay fallback
+    punch_since: float | None = None   # a direct endpoint set, no handshake yet, since
+    relay_wanted: bool = False         # our requests for the peer carry FLAG_RELAY
+    relay_why: str = "asked for by the peer"
+    relay: Endpoint | None = None      # the relay endpoint we use (None: direct)
+    relay_time: int = -1               # server_time of the last relay message accepted
+    relayed_at: float = 0.0            # when we went to the relay
+    next_bind: float | None = None
+    upgrade_at: float | None = None
+    upgrade_delay: float = 0.0
+    trying: Endpoint | None = None     # the direct endpoint on trial
+    trying_since: float = 0.0
+    trying_rx: int = 0
+
+    @property
+    def path(self) -> str:
+        """"relay", "trying direct", "direct" (an endpoint with a handshake this run) or
+        "" (no endpoint yet)."""
+        if self.trying is not None:
+            return "trying direct"
+        if self.relay is not None:
+            return "relay"
+        return "direct" if self.applied is not None or self.status is Status.KEPT else ""
 
     @property
     def resolved(self) -> bool:
@@ -199,6 +278,12 @@ class Counters:
     applied: int = 0
     fallbacks: int = 0     # IPv6 endpoints given up for IPv4
     sprays: int = 0        # Spray actions (each a bounded burst)
+    relay_asked: int = 0   # peers we asked a relay for
+    relay_offers: int = 0  # relay messages accepted
+    relay_old: int = 0     # relay messages not newer than the last accepted (or relay off)
+    binds: int = 0
+    upgrade_tries: int = 0
+    upgrades: int = 0      # relayed peers moved to a direct endpoint
 
 
 def _by_family(endpoints: Iterable[Endpoint]) -> dict[int, Endpoint]:
@@ -215,7 +300,8 @@ class PunchV2:
     def __init__(self, timing: Timing = Timing(), daemon: bool = False,
                  only: frozenset[bytes] | None = None, families: Iterable[int] = FAMILIES,
                  randbits: Callable[[int], int] = secrets.randbits, nat: int = 0,
-                 spray: SprayConfig | None = SprayConfig(), spray_hold: float = 0.3) -> None:
+                 spray: SprayConfig | None = SprayConfig(), spray_hold: float = 0.3,
+                 relay: RelayTiming | None = None) -> None:
         self.timing = timing
         self.daemon = daemon
         self.only = only
@@ -225,6 +311,7 @@ class PunchV2:
         self.nat = nat
         self.spray = spray
         self.spray_hold = spray_hold
+        self.relay = relay
         self._randbits = randbits
         self.my_key: bytes | None = None
         self.peers: dict[bytes, PeerState] = {}
@@ -358,11 +445,43 @@ class PunchV2:
         st.hold_until = None
         return self._settle(st, now)
 
-    def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive | Spray]:
+    def on_relay(self, now: float, body: RelayBody) -> list[Action]:
+        """An authenticated relay message: the relay endpoint for us and BODY.peer (to our
+        request, or because the peer asked). Acted on if newer than the last one."""
+        st = self.peers.get(body.peer)
+        if st is None:
+            self.counters.unwanted += 1
+            return []
+        if self.relay is None or body.server_time <= st.relay_time:
+            self.counters.relay_old += 1
+            return []
+        st.relay_time = body.server_time
+        self.counters.relay_offers += 1
+        self.replied = True
+        r = self.relay
+        bind = self._bind(st, body.relay, now)
+        if st.relay == body.relay:
+            return [bind]  # the same relay (perhaps a new allocation): bind again; a try
+            # of the direct path goes on
+        why = st.relay_why if st.relay_wanted else "asked for by the peer"
+        st.relay_wanted = True
+        st.relay, st.relayed_at, st.trying = body.relay, now, None
+        st.punch_since = None
+        st.upgrade_delay = r.upgrade_every
+        st.upgrade_at = now + r.upgrade_every
+        return [bind, self._apply(st, body.relay, f"relay ({why})", now)]
+
+    def stamp(self, wall_ns: int) -> int:
+        """The next timestamp to send (requests and binds share one increasing clock)."""
+        ts = max(wall_ns + self.offset, self._min_next)
+        self._min_next = ts + 1
+        return ts
+
+    def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive | Spray | Bind]:
         """Expire lost requests, settle answers that waited for IPv6, fall back from
         silent IPv6 endpoints, and start the requests that are due. WALL_NS is the
         wall clock (ns since the epoch), for the request timestamps."""
-        out: list[Send | Apply | Keepalive | Spray] = []
+        out: list[Send | Apply | Keepalive | Spray | Bind] = []
         for rid in [r for r, f in self._inflight.items() if now >= f.deadline]:
             self._expire(rid, now)
         for st in self.peers.values():
@@ -373,6 +492,8 @@ class PunchV2:
                 action = self._fallback(st, now)
                 if action is not None:
                     out.append(action)
+            if self.relay is not None:
+                out.extend(self._relay_poll(st, now))
         if self.my_key is None:
             return out
         room = self.timing.max_inflight - len(self._inflight)
@@ -402,6 +523,8 @@ class PunchV2:
         times = [f.deadline for f in self._inflight.values()]
         times += [st.fallback_at for st in self.peers.values() if st.fallback_at is not None]
         times += [st.hold_until for st in self.peers.values() if st.hold_until is not None]
+        if self.relay is not None:
+            times += [t for st in self.peers.values() for t in self._relay_times(st)]
         if self.my_key is not None and len(self._inflight) < self.timing.max_inflight:
             times += [st.due for st in self.peers.values()]
         return min(times, default=float("inf"))
@@ -449,15 +572,14 @@ class PunchV2:
         rid = 0
         while rid == 0 or rid in self._inflight:
             rid = self._randbits(32) & 0xFFFFFFFF
-        ts = max(wall_ns + self.offset, self._min_next)
-        self._min_next = ts + 1
+        ts = self.stamp(wall_ns)
         self._inflight[rid] = _InFlight(st.key, family, now + self.timing.request_timeout, ts,
                                         wall_ns)
         self._expired.pop(rid, None)
         st.asks[family].inflight = rid
         self.counters.sent += 1
-        return Send(RequestBody(timestamp=ts, request_id=rid, peer=st.key, nat=self.nat),
-                    family, st.key)
+        return Send(RequestBody(timestamp=ts, request_id=rid, peer=st.key, nat=self.nat,
+                                flags=FLAG_RELAY if st.relay_wanted else 0), family, st.key)
 
     def _expire(self, rid: int, now: float) -> None:
         rec = self._inflight.pop(rid)
@@ -486,8 +608,10 @@ class PunchV2:
 
     def _schedule(self, st: PeerState, ask: _Ask, due: float) -> None:
         """Ask again at DUE; one-shot, a settled peer is not asked again over a family
-        that has been answered."""
-        ask.due = float("inf") if st.resolved and not self.daemon and ask.answered else due
+        that has been answered (unless it waits for a relay)."""
+        waiting = st.relay_wanted and st.relay is None  # one-shot too: the relay is not in
+        ask.due = (float("inf") if st.resolved and not self.daemon and ask.answered
+                   and not waiting else due)
 
     def _remember_expired(self, rid: int) -> None:
         self._expired[rid] = None
@@ -525,6 +649,8 @@ class PunchV2:
         st.hold_until = None
         answer = self._choose(st)
         st.answer = answer
+        if st.relay is not None:  # relayed: the direct endpoint is for the upgrade tries
+            return []
         wait = self._spray_wait(st, answer, now)
         if wait is not None:
             st.hold_until = wait  # poll() settles it again then
@@ -578,8 +704,12 @@ class PunchV2:
     def _apply(self, st: PeerState, endpoint: Endpoint, reason: str, now: float) -> Apply:
         self._settled(st, Status.APPLIED)
         st.applied, st.applied_at = endpoint, now
-        st.fallback_at = now + self.timing.v6_fallback if endpoint.family == 6 else None
+        relayed = st.relay is not None and st.trying is None
+        st.fallback_at = (now + self.timing.v6_fallback
+                          if endpoint.family == 6 and not relayed and st.trying is None else None)
         st.v6_before = False
+        if not relayed and st.trying is None and st.punch_since is None:
+            st.punch_since = now
         st.rx_changed_at = now  # give the new endpoint a full keepalive period
         # What WireGuard has now, until the next read of the device: a second answer
         # with the same endpoint (the reply after the notify) is then not applied again.
@@ -604,6 +734,122 @@ class PunchV2:
         self.counters.fallbacks += 1
         return self._apply(st, v4, f"no handshake over IPv6 within "
                                    f"{self.timing.v6_fallback:g}s", now)
+
+    # -- relay ----------------------------------------------------------------------
+
+    def _bind(self, st: PeerState, relay: Endpoint, now: float) -> Bind:
+        assert self.relay is not None
+        seen = st.handshake_after(st.relayed_at) if st.relay == relay else False
+        st.next_bind = now + (self.relay.keep_bound if seen else self.relay.rebind)
+        self.counters.binds += 1
+        return Bind(st.key, relay)
+
+    def _relay_times(self, st: PeerState) -> list[float]:
+        r = self.relay
+        assert r is not None
+        if st.relay is None:
+            if st.punch_since is not None and not st.relay_wanted:
+                return [st.punch_since + r.after]
+            return []
+        times = [t for t in (st.next_bind, st.upgrade_at) if t is not None]
+        if st.trying is not None:
+            times.append(st.trying_since + r.upgrade_window)
+        return times
+
+    def _relay_poll(self, st: PeerState, now: float) -> list[Action]:
+        r = self.relay
+        assert r is not None
+        if st.punch_since is not None and self._handshake_this_run(st):
+            st.punch_since = None  # the direct endpoint works
+        if st.relay is None:
+            if not st.relay_wanted and st.endpoints and self._relay_due(st, now):
+                self._want_relay(st, now)
+            return []
+        out: list[Action] = []
+        view = st.view
+        if st.trying is None and view is not None and view.endpoint is not None \
+                and st.applied_at is not None and st.view_at > st.applied_at \
+                and not same_endpoint(view.endpoint, st.relay):
+            # WireGuard moved by itself since we set the relay (a device read after
+            # that shows another endpoint): it roams only to the source of an
+            # authenticated packet from the peer, which came from there, not through
+            # the relay (the peer's try of the direct path reached us).
+            ep = Endpoint(*view.endpoint)
+            out.append(self._upgraded(st, ep, now, f"WireGuard roamed to {ep}: direct, "
+                                                   "off the relay"))
+            return out
+        if st.next_bind is not None and now >= st.next_bind:
+            out.append(self._bind(st, st.relay, now))
+        if st.trying is not None:
+            if view is not None and same_endpoint(view.endpoint, st.relay):
+                # WireGuard roamed back: a packet came through the relay meanwhile
+                out.append(self._revert(st, now, "WireGuard went back to the relay"))
+            elif now >= st.trying_since + r.upgrade_window:
+                if self._try_proven(st):
+                    out.append(self._upgraded(st, st.trying, now,
+                                              f"direct path works within "
+                                              f"{r.upgrade_window:g}s: off the relay"))
+                else:
+                    out.append(self._revert(st, now, f"no handshake or traffic over the "
+                                                     f"direct endpoint within "
+                                                     f"{r.upgrade_window:g}s"))
+            return out
+        if st.upgrade_at is not None and now >= st.upgrade_at and st.endpoints:
+            direct = self._choose(st)
+            st.upgrade_at = None
+            st.trying, st.trying_since = direct, now
+            st.trying_rx = view.rx_bytes if view is not None else 0
+            self.counters.upgrade_tries += 1
+            out.append(self._apply(st, direct, f"trying the direct path for "
+                                               f"{r.upgrade_window:g}s (relay {st.relay})", now))
+        return out
+
+    def _relay_due(self, st: PeerState, now: float) -> bool:
+        r = self.relay
+        assert r is not None
+        if r.at_once is not None and st.applied is not None and r.at_once(self.nat, st.peer_nat):
+            return True
+        return (st.punch_since is not None and now >= st.punch_since + r.after
+                and not self._handshake_this_run(st))
+
+    def _want_relay(self, st: PeerState, now: float) -> None:
+        r = self.relay
+        assert r is not None
+        st.relay_why = (f"no handshake over the direct endpoint within {r.after:g}s"
+                        if st.punch_since is not None and now >= st.punch_since + r.after
+                        else "both NATs need it")
+        st.relay_wanted = True
+        self.counters.relay_asked += 1
+        fam = st.applied.family if st.applied is not None else 4
+        if fam not in st.asks:
+            fam = next(iter(st.asks))
+        ask = st.asks[fam]
+        if ask.inflight is None:
+            ask.due = now
+
+    def _try_proven(self, st: PeerState) -> bool:
+        view = st.view
+        if view is None or st.trying is None or not same_endpoint(view.endpoint, st.trying):
+            return False
+        return st.handshake_after(st.trying_since) or view.rx_bytes > st.trying_rx
+
+    def _upgraded(self, st: PeerState, endpoint: Endpoint, now: float, reason: str) -> Apply:
+        st.relay, st.trying, st.relay_wanted = None, None, False
+        st.relay_why = "asked for by the peer"
+        st.next_bind = st.upgrade_at = None
+        self.counters.upgrades += 1
+        action = self._apply(st, endpoint, reason, now)
+        st.punch_since = None
+        return action
+
+    def _revert(self, st: PeerState, now: float, why: str) -> Apply:
+        r = self.relay
+        assert r is not None and st.relay is not None
+        st.trying = None
+        st.upgrade_delay = min(st.upgrade_delay * 2, r.upgrade_max)
+        st.upgrade_at = now + st.upgrade_delay
+        return self._apply(st, st.relay, f"back to the relay: {why}; next try in "
+                                         f"{st.upgrade_delay:g}s", now)
 
     @staticmethod
     def _v6_proven(st: PeerState) -> bool:

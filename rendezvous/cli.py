@@ -148,10 +148,72 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 10)")
     v2.add_argument("--notify-burst", type=_nonneg(float), default=20.0, metavar="B",
                     help="burst of notifications allowed per client key (default 20)")
+    _relay_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     logsetup.add_argument(p)
     metrics.add_argument(p)
     return p
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    num, unit = (text[:-1], text[-1].lower()) if text[-1:].isalpha() else (text, "")
+    try:
+        value = int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size (N, or N with K/M/G/T): {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
+    return value
+
+
+def _relay_ports(text: str) -> tuple[int, ...]:
+    from .relay import RelayError, parse_ports
+    try:
+        return parse_ports(text)
+    except RelayError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _relay_arguments(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("relay (v2, opt-in)", "forward WireGuard datagrams between "
+                             "two peers that cannot reach each other directly (both NATs "
+                             "symmetric), for mutually consenting authenticated pairs only")
+    r.add_argument("--relay-port", type=_relay_ports, metavar="PORT|LOW-HIGH",
+                   help="serve the relay on this UDP port (or range: a client in several "
+                        "pairs needs one port per pair) on every listen address; needs --key")
+    r.add_argument("--relay-address", metavar="ADDR", action="append", type=_address,
+                   help="the address clients reach the relay at, when --listen is a "
+                        "wildcard (one per family)")
+    r.add_argument("--relay-limit", type=_size, default=10 << 30, metavar="BYTES",
+                   help="bytes relayed per pair before its datagrams are dropped (K/M/G "
+                        "suffixes; default 10G)")
+    r.add_argument("--relay-packets", type=_nonneg(int), default=10_000_000, metavar="N",
+                   help="datagrams relayed per pair before they are dropped (default 1e7)")
+    r.add_argument("--relay-idle", type=_nonneg(float), default=120.0, metavar="S",
+                   help="free a pair's relay after S seconds without traffic (default 120)")
+    r.add_argument("--relay-pairs", type=_nonneg(int), default=1024, metavar="N",
+                   help="at most N relayed pairs at once (default 1024)")
+
+
+def _relay_config(args: argparse.Namespace, listen: list[tuple[str, int]]) -> Any:
+    """(RelayConfig or None, packed relay addresses) from the arguments; RelayError."""
+    from .relay import RelayConfig, RelayError
+    if args.relay_port is None:
+        return None, ()
+    if args.key is None:
+        raise RelayError("--relay-port needs --key FILE (the relay serves v2 clients only)")
+    if args.port in args.relay_port:
+        raise RelayError(f"--relay-port {args.port} is the rendezvous port")
+    cfg = RelayConfig(ports=args.relay_port, max_pairs=args.relay_pairs,
+                      max_packets=args.relay_packets, max_bytes=args.relay_limit,
+                      idle=args.relay_idle)
+    addrs = args.relay_address or [a for a, _ in listen if a not in ("0.0.0.0", "::")]
+    if not addrs:
+        raise RelayError("--relay-port with a wildcard --listen needs --relay-address ADDR "
+                         "(the address clients reach the relay at)")
+    packed = tuple(ipaddress.ip_address(a).packed for a in addrs)
+    return cfg, packed
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -236,12 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A wildcard of the address's family already answers there (and replies from it).
         probe += [(a, args.probe_port) for a in args.probe_address or ()
                   if a not in addrs and ("::" if ":" in a else "0.0.0.0") not in addrs]
+    from .relay import RelayError, ports_text
+    try:
+        relay, relay_addresses = _relay_config(args, listen)
+    except RelayError as e:
+        return _fail(str(e))
     config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
                     classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
-                    notify_burst=args.notify_burst)
+                    notify_burst=args.notify_burst, relay=relay, relay_addresses=relay_addresses)
     server = Server(Service(config, crypto), ServerOptions(
         listen=listen, io=args.io, stats_interval=args.stats_interval, verbose=args.verbose,
-        ipv6_optional=args.listen is None, probe=probe))
+        ipv6_optional=args.listen is None, probe=probe,
+        relay_ports=relay.ports if relay else ()))
     try:
         server.open()
     except ListenError as e:
@@ -270,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ", ".join(format_address(a, p) for a, p in server.probe_addresses))
     for why in server.skipped:
         log.info("%s: serving IPv4 only", why)
+    if relay is not None:
+        log.info("relay on UDP %s (%d pairs at most, %d bytes / %d datagrams per pair, "
+                 "idle %gs)", ports_text(relay.ports), relay.max_pairs, relay.max_bytes,
+                 relay.max_packets, relay.idle)
     if loose_key:
         log.warning("key file %s is accessible to other users (chmod 600 it)", args.key)
     try:

@@ -58,6 +58,7 @@ class ServerOptions:
     # Probe sockets (--probe-port): they answer self-lookups only and register nothing
     # (Service.probe), read one datagram at a time; no notification leaves from them.
     probe: Sequence[tuple[str, int]] = ()
+    relay_ports: Sequence[int] = ()  # v2 relay: these ports on every listen address
 
 
 def is_ipv6(addr: str) -> bool:
@@ -121,6 +122,8 @@ class Server:
         self.notify_sent = 0
         self.notify_failed = 0
         self._routes: list[tuple[int, bytes | None, socket.socket]] = []  # family, bound, sock
+        self.relay_sockets: list[tuple[int, socket.socket]] = []  # (relay port, socket)
+        self.relay_send_failed = 0
         self._running = True  # until stop(): a signal before serve() must still stop it
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -148,6 +151,7 @@ class Server:
                 except ListenError as e:
                     if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
                         raise
+            self._open_relay()
         except ListenError:
             self.close()
             raise
@@ -157,6 +161,45 @@ class Server:
             host = sock.getsockname()[0]
             bound = None if _is_wildcard(sock) else socket.inet_pton(sock.family, host)
             self._routes.append((6 if v6 else 4, bound, sock))
+
+    def _open_relay(self) -> None:
+        """The relay's sockets: each relay port on each listening address."""
+        for sock in list(self.sockets):
+            host = sock.getsockname()[0]
+            for port in self.options.relay_ports:
+                self.relay_sockets.append((port, open_socket(host, port)))
+
+    def _relay_reader(self, port: int, sock: socket.socket) -> Callable[[], None]:
+        """Forward what the relay table says, straight from this socket; never parsed here."""
+        relay = self.service.v2.relay if self.service.v2 is not None else None
+        assert relay is not None, "relay sockets without a relay"
+        handle, clock = relay.handle, self.clock
+        v6 = sock.family == socket.AF_INET6
+
+        def read() -> None:
+            for _ in range(1024):
+                try:
+                    data, addr = sock.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    log.debug("relay recvfrom: %s", e)
+                    continue
+                pk = addr[1].to_bytes(2, "big")
+                src = (socket.inet_pton(socket.AF_INET6, addr[0].partition("%")[0]) if v6
+                       else socket.inet_aton(addr[0])) + pk
+                dest = handle(port, data, src, clock())
+                if dest is None:
+                    continue
+                to = ((socket.inet_ntop(socket.AF_INET6, dest[:16]), int.from_bytes(dest[16:], "big"))
+                      if v6 else (socket.inet_ntoa(dest[:4]), int.from_bytes(dest[4:], "big")))
+                try:
+                    sock.sendto(data, to)
+                except OSError as e:
+                    self.relay_send_failed += 1
+                    log.debug("relay sendto %s: %s", to, e)
+
+        return read
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -171,6 +214,9 @@ class Server:
             s.close()
         self.sockets.clear()
         self.probe_sockets.clear()
+        for _, s in self.relay_sockets:
+            s.close()
+        self.relay_sockets.clear()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -206,6 +252,8 @@ class Server:
                 handlers[sock.fileno()] = self._plain_reader(sock, pktinfo)
         for sock in self.probe_sockets:
             handlers[sock.fileno()] = self._plain_reader(sock, _is_wildcard(sock), probe=True)
+        for port, sock in self.relay_sockets:
+            handlers[sock.fileno()] = self._relay_reader(port, sock)
         poller = select.poll()
         for fd in handlers:
             poller.register(fd, select.POLLIN)
@@ -238,6 +286,8 @@ class Server:
         if self.service.v2 is not None:
             stats["notify_sent"] = self.notify_sent
             stats["notify_failed"] = self.notify_failed
+        if self.relay_sockets:
+            stats["relay_send_failed"] = self.relay_send_failed
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
 
     def _mmsg_reader(self, sock: socket.socket, batch: mmsg.Batch) -> Callable[[], None]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
 from .ratelimit import RateLimiter
 from .registry import Registry
+from .relay import RelayConfig
 from .v2.crypto import ServerCrypto
 from .v2.service import Notification, V2Config, V2Service
 from .v2.wire import looks_like_v2
@@ -44,6 +45,8 @@ class Config:
     max_skew: float = 300.0  # v2 timestamp window, seconds; 0 = none
     notify_rate: float = 10.0  # v2 notifications per second per notified key; 0 = no limit
     notify_burst: float = 20.0
+    relay: RelayConfig | None = None  # v2 relay fallback; None = off
+    relay_addresses: tuple[bytes, ...] = ()  # where clients reach the relay (packed)
 
 
 @dataclass
@@ -68,7 +71,8 @@ class Service:
         self.classic = config.classic
         self.v2 = None if crypto is None else V2Service(V2Config(
             ttl=config.ttl, max_peers=config.max_peers, max_skew=config.max_skew,
-            notify_rate=config.notify_rate, notify_burst=config.notify_burst), crypto)
+            notify_rate=config.notify_rate, notify_burst=config.notify_burst,
+            relay=config.relay, relay_addresses=config.relay_addresses), crypto)
         self.wall_offset_ns = 0  # wall clock minus ``now``, in ns: see set_wall_clock
 
     def set_wall_clock(self, now: float, wall_ns: int) -> None:

@@ -26,15 +26,18 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from rendezvous.v2.wire import (
+    BIND_LEN,
     HEADER_LEN,
     KEY_LEN,
     NONCE_LEN,
     REQUEST_AD_LEN,
     REQUEST_LEN,
     SERVER_MSG_OVERHEAD,
+    BindBody,
     BytesLike,
     MsgType,
     NotifyBody,
+    RelayBody,
     ReplyBody,
     RequestBody,
     WireError,
@@ -56,6 +59,8 @@ _ZERO32 = bytes(32)
 _HDR_REQUEST = header(MsgType.REQUEST)
 _HDR_REPLY = header(MsgType.REPLY)
 _HDR_NOTIFY = header(MsgType.NOTIFY)
+_HDR_RELAY = header(MsgType.RELAY)
+_HDR_BIND = header(MsgType.BIND)
 _NONCE_END = REQUEST_AD_LEN + NONCE_LEN  # where a request's ciphertext starts
 
 
@@ -105,10 +110,14 @@ def derive_keys(shared: bytes, client_pub: bytes, server_pub: bytes) -> tuple[by
     return okm[:32], okm[32:]
 
 
-def _open_server_msg(aead: ChaCha20Poly1305, datagram: BytesLike) -> ReplyBody | NotifyBody:
+ServerMsg = ReplyBody | NotifyBody | RelayBody
+_SERVER_BODIES = {MsgType.REPLY: ReplyBody, MsgType.NOTIFY: NotifyBody, MsgType.RELAY: RelayBody}
+
+
+def _open_server_msg(aead: ChaCha20Poly1305, datagram: BytesLike) -> ServerMsg:
     t = parse_header(datagram)
-    if t is MsgType.REQUEST:
-        raise WireError("type 1 (request) is not a message for a client")
+    if t not in _SERVER_BODIES:
+        raise WireError(f"type {int(t)} ({t.name.lower()}) is not a message for a client")
     if len(datagram) < SERVER_MSG_OVERHEAD:
         raise WireError(
             f"{t.name.lower()} of {len(datagram)} bytes is shorter than {SERVER_MSG_OVERHEAD}"
@@ -119,7 +128,7 @@ def _open_server_msg(aead: ChaCha20Poly1305, datagram: BytesLike) -> ReplyBody |
         plain = aead.decrypt(data[HEADER_LEN:nonce_end], data[nonce_end:], data[:HEADER_LEN])
     except InvalidTag:
         raise AuthError(f"{t.name.lower()} of {len(data)} bytes does not authenticate") from None
-    return ReplyBody.from_bytes(plain) if t is MsgType.REPLY else NotifyBody.from_bytes(plain)
+    return _SERVER_BODIES[t].from_bytes(plain)  # type: ignore[attr-defined, no-any-return]
 
 
 class ClientCrypto:
@@ -135,6 +144,7 @@ class ClientCrypto:
         self._seal = ChaCha20Poly1305(k_c2s)
         self._open = ChaCha20Poly1305(k_s2c)
         self._ad = _HDR_REQUEST + self.client_public
+        self._bind_ad = _HDR_BIND + self.client_public
 
     def seal_request_bytes(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
         """A request datagram around any plaintext (tests use this for longer ones)."""
@@ -145,8 +155,13 @@ class ClientCrypto:
         """The 116-byte request datagram; ``nonce`` is random unless given (tests)."""
         return self.seal_request_bytes(body.to_bytes(), nonce)
 
-    def open(self, datagram: BytesLike) -> ReplyBody | NotifyBody:
-        """Open a reply or notify from the server (WireError / AuthError)."""
+    def seal_bind(self, body: BindBody, nonce: bytes | None = None) -> bytes:
+        """The 108-byte bind datagram for the relay (sealed like a request, type 5)."""
+        nonce = _nonce(nonce)
+        return self._bind_ad + nonce + self._seal.encrypt(nonce, body.to_bytes(), self._bind_ad)
+
+    def open(self, datagram: BytesLike) -> ServerMsg:
+        """Open a reply, notify or relay message from the server (WireError / AuthError)."""
         return _open_server_msg(self._open, datagram)
 
 
@@ -226,6 +241,33 @@ class ServerCrypto:
         if fresh:
             self._store(client_pub, entry)
         return client_pub, RequestBody.from_bytes(plain)
+
+    def open_bind(self, datagram: BytesLike) -> tuple[bytes, BindBody]:
+        """``(client_public, body)`` of an authentic bind; WireError / AuthError otherwise."""
+        if len(datagram) < BIND_LEN:
+            raise WireError(f"bind of {len(datagram)} bytes is shorter than {BIND_LEN}")
+        t = parse_header(datagram)
+        if t is not MsgType.BIND:
+            raise WireError(f"type {int(t)} ({t.name.lower()}) is not a bind")
+        data = bytes(datagram)
+        client_pub = data[HEADER_LEN:REQUEST_AD_LEN]
+        entry = self._lookup(client_pub)
+        fresh = entry is None
+        if entry is None:
+            entry = self._derive(client_pub)
+        try:
+            plain = entry[0].decrypt(
+                data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN]
+            )
+        except InvalidTag:
+            raise AuthError(f"bind from key {client_pub.hex()} does not authenticate") from None
+        if fresh:
+            self._store(client_pub, entry)
+        return client_pub, BindBody.from_bytes(plain)
+
+    def seal_relay(self, client_pub: bytes, body: RelayBody, nonce: bytes | None = None) -> bytes:
+        """The 102-byte relay message (type 4) to the client ``client_pub``."""
+        return self._seal(client_pub, _HDR_RELAY, body.to_bytes(), nonce)
 
     def _seal(self, client_pub: bytes, hdr: bytes, plaintext: bytes, nonce: bytes | None) -> bytes:
         aead = self._aeads(client_pub)[1]

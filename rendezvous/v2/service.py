@@ -21,15 +21,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ratelimit import RateLimiter
+from ..relay import Relay, RelayConfig, RelayTable
 from .crypto import AuthError, ServerCrypto
 from .state import V2Registry
-from .wire import Endpoint, NotifyBody, ReplyBody, Status, WireError
+from .wire import (
+    FLAG_RELAY,
+    Endpoint,
+    NotifyBody,
+    RelayBody,
+    ReplyBody,
+    Status,
+    WireError,
+)
 
 __all__ = ["Notification", "V2Config", "V2Service", "COUNTERS"]
 
 COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_failed",
             "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
-            "oversize")
+            "oversize", "relay_offered", "relay_off", "relay_no_consent", "relay_refused",
+            "relay_no_address")
 
 _MAX_OUTBOX = 4096
 
@@ -42,6 +52,9 @@ class V2Config:
     notify_rate: float = 10.0  # notifications per second per notified key; 0 = no limit
     notify_burst: float = 20.0
     max_asks_per_client: int = 1024
+    relay: RelayConfig | None = None  # None: no relay (requests with FLAG_RELAY counted)
+    relay_addresses: tuple[bytes, ...] = ()  # 4- or 16-byte addresses the relay is at,
+    # used when the request's local address is unknown (at most one per family)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class V2Service:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.outbox: list[Notification] = []
         self._last_time = 0
+        self.relay = None if config.relay is None else Relay(RelayTable(config.relay), crypto)
 
     def _server_time(self, wall_ns: int) -> int:
         """The wall clock, made strictly increasing: a client accepts a notify only if
@@ -127,7 +141,57 @@ class V2Service:
             concerned += [p for p in reg.mutual_peers(client, now) if p != peer]
         if concerned:
             self._notify(client, concerned, now, server_time, len(data))
-        return self._reply(client, reply, len(data))
+        out = self._reply(client, reply, len(data))
+        if body.flags & FLAG_RELAY and peer != client:
+            self._offer_relay(client, peer, body.request_id, source, local, now, server_time,
+                              len(data))
+        return out
+
+    def _offer_relay(self, client: bytes, peer: bytes, request_id: int, source: bytes,
+                     local: bytes | None, now: float, server_time: int, limit: int) -> None:
+        """CLIENT asked for a relay for (CLIENT, PEER): allocate one only if the pair is
+        mutual (both authenticated, each asked for the other within the ttl), then tell
+        CLIENT (at the request's source) and PEER (at its registrations) where it is."""
+        c, reg = self.counters, self.registry
+        if self.relay is None:
+            c["relay_off"] += 1
+            return
+        if not reg.may_learn(client, peer, now):  # CLIENT has just asked for PEER
+            c["relay_no_consent"] += 1
+            return
+        addr_len = 4 if len(source) == 6 else 16
+        addr = local if local is not None and len(local) == addr_len else next(
+            (a for a in self.config.relay_addresses if len(a) == addr_len), None)
+        if addr is None:
+            c["relay_no_address"] += 1
+            return
+        alloc = self.relay.table.allocate(client, peer, now)
+        if alloc is None:
+            c["relay_refused"] += 1
+            return
+        relay = Endpoint.from_source(addr + alloc.port.to_bytes(2, "big"))
+        mine = self.crypto.seal_relay(client, RelayBody(server_time, request_id, peer, relay))
+        theirs = None
+        if self.notify_limiter.allow(peer, now):
+            theirs = self.crypto.seal_relay(peer, RelayBody(server_time, 0, client, relay))
+        else:
+            c["notify_limited"] += 1
+        if len(mine) > limit:
+            c["oversize"] += 1
+            return
+        c["relay_offered"] += 1
+        self._queue(Notification(source, mine, local))
+        if theirs is not None:
+            for dest, dest_local in reg.destinations(peer, now):
+                if len(dest) == len(source):  # the relay's family
+                    self._queue(Notification(dest, theirs, dest_local))
+
+    def _queue(self, n: Notification) -> None:
+        if len(self.outbox) >= _MAX_OUTBOX:
+            self.counters["notify_dropped"] += 1
+            return
+        self.outbox.append(n)
+        self.counters["notifications"] += 1
 
     def probe(self, data: bytes, source: bytes, wall_ns: int) -> bytes | None:
         """A request at a probe port: if it authenticates and asks for the client itself
@@ -198,13 +262,19 @@ class V2Service:
 
     def tick(self, now: float) -> None:
         self.registry.expire(now, budget=10_000)
+        if self.relay is not None:
+            self.relay.tick(now)
 
     def sweep(self, now: float) -> None:
         self.notify_limiter.sweep(now)
+        if self.relay is not None:
+            self.relay.sweep(now)
 
     def snapshot(self) -> dict[str, int]:
         r = self.registry
         c = self.counters
         return {**c, "stale": c["stale_replay"] + c["stale_skew"], "peers": len(r),
                 "asks": r.asks, "evicted": r.stats.evicted, "expired": r.stats.expired,
-                "keys_cached": len(self.crypto)}
+                "keys_cached": len(self.crypto),
+                **({f"relay_{k}": v for k, v in self.relay.table.snapshot().items()}
+                   if self.relay is not None else {})}

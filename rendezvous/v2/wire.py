@@ -19,8 +19,10 @@ from enum import IntEnum
 from functools import lru_cache
 
 __all__ = [
-    "BytesLike",
+    "BIND_LEN",
+    "BIND_PLAIN_LEN",
     "ENDPOINT_LEN",
+    "FLAG_RELAY",
     "HEADER_LEN",
     "KEY_LEN",
     "MAGIC",
@@ -28,6 +30,8 @@ __all__ = [
     "NONCE_LEN",
     "NONE_BYTES",
     "NOTIFY_PLAIN_MIN",
+    "RELAY_LEN",
+    "RELAY_PLAIN_LEN",
     "REPLY_PLAIN_MIN",
     "REQUEST_AD_LEN",
     "REQUEST_LEN",
@@ -35,9 +39,12 @@ __all__ = [
     "SERVER_MSG_OVERHEAD",
     "TAG_LEN",
     "VERSION",
+    "BindBody",
+    "BytesLike",
     "Endpoint",
     "MsgType",
     "NotifyBody",
+    "RelayBody",
     "ReplyBody",
     "RequestBody",
     "Status",
@@ -68,6 +75,11 @@ SERVER_MSG_OVERHEAD = HEADER_LEN + NONCE_LEN + TAG_LEN  # reply/notify bytes aro
 REPLY_PLAIN_MIN = 34  # 16 fixed bytes + observed endpoint
 NOTIFY_PLAIN_MIN = 44
 NONE_BYTES = bytes(ENDPOINT_LEN)  # the all-zero endpoint ("::" port 0) means "none"
+FLAG_RELAY = 0x01  # request flags: "and give this pair a relay" (docs/PROTOCOL.md, "Relay")
+RELAY_PLAIN_LEN = 66  # server_time, request_id, flags, reserved, peer, relay endpoint
+RELAY_LEN = SERVER_MSG_OVERHEAD + RELAY_PLAIN_LEN  # 102
+BIND_PLAIN_LEN = 40  # timestamp, peer
+BIND_LEN = REQUEST_AD_LEN + NONCE_LEN + BIND_PLAIN_LEN + TAG_LEN  # 108
 
 _PREFIX = MAGIC + bytes((VERSION,))
 _MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96, IPv4-mapped IPv6
@@ -77,9 +89,12 @@ _U8, _U16, _U32, _U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 _REQUEST = struct.Struct("!QIBBH32s")  # timestamp, request_id, flags, nat, reserved, peer
 _REPLY = struct.Struct("!IBBBBQ")  # request_id, status, peer_nat, count, reserved, server_time
 _NOTIFY = struct.Struct("!Q32sBBH")  # server_time, peer, peer_nat, count, reserved
+_RELAY = struct.Struct("!QIB3s32s")  # server_time, request_id, flags, reserved, peer
+_BIND = struct.Struct("!Q32s")  # timestamp, peer
 _PORT = struct.Struct("!H")
 assert _REQUEST.size == REQUEST_PLAIN_LEN and _REPLY.size + ENDPOINT_LEN == REPLY_PLAIN_MIN
 assert _NOTIFY.size == NOTIFY_PLAIN_MIN
+assert _RELAY.size + ENDPOINT_LEN == RELAY_PLAIN_LEN and _BIND.size == BIND_PLAIN_LEN
 
 
 class WireError(ValueError):
@@ -90,6 +105,8 @@ class MsgType(IntEnum):
     REQUEST = 1
     REPLY = 2
     NOTIFY = 3
+    RELAY = 4  # server -> client: the relay endpoint for a pair
+    BIND = 5  # client -> relay: "the datagrams of this pair from me come from here"
 
 
 class Status(IntEnum):
@@ -112,7 +129,7 @@ def header(t: MsgType) -> bytes:
     try:
         return _PREFIX + bytes((MsgType(t), 0, 0, 0))
     except ValueError:
-        raise WireError(f"type {t!r} is not a known message type (1..3)") from None
+        raise WireError(f"type {t!r} is not a known message type (1..5)") from None
 
 
 def parse_header(data: BytesLike) -> MsgType:
@@ -129,7 +146,7 @@ def parse_header(data: BytesLike) -> MsgType:
     if data[3] != VERSION:
         raise WireError(f"version {data[3]} is not {VERSION}")
     if data[4] not in _TYPES:
-        raise WireError(f"type {data[4]} is not a known message type (1..3)")
+        raise WireError(f"type {data[4]} is not a known message type (1..5)")
     raise WireError(f"reserved header bytes {bytes(data[5:8]).hex()} are not zero")
 
 
@@ -439,3 +456,62 @@ class NotifyBody:
             raise WireError(f"notify endpoint count {count} is not in 1..{MAX_ENDPOINTS}")
         endpoints = _decode_endpoints("notify", data, NOTIFY_PLAIN_MIN, count)
         return cls(server_time, peer, endpoints, peer_nat)
+
+
+@dataclass(frozen=True)
+class RelayBody:
+    """The 66-byte plaintext of a relay message (type 4): the relay endpoint for the pair
+    (us, PEER). REQUEST_ID echoes the request that asked for it (0 in the copy sent to
+    the peer)."""
+
+    server_time: int  # ns since the epoch; must increase per peer at the client
+    request_id: int
+    peer: bytes
+    relay: Endpoint
+    flags: int = 0  # reserved, zero
+
+    def __post_init__(self) -> None:
+        _uint("server_time", self.server_time, _U64)
+        _uint("request_id", self.request_id, _U32)
+        object.__setattr__(self, "peer", _key("peer", self.peer))
+        if not isinstance(self.relay, Endpoint) or not self.relay.usable:
+            raise WireError(f"relay {self.relay!r} is not a usable endpoint")
+        _uint("flags", self.flags, _U8)
+
+    def to_bytes(self) -> bytes:
+        return (_RELAY.pack(self.server_time, self.request_id, self.flags, bytes(3), self.peer)
+                + self.relay.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: BytesLike) -> RelayBody:
+        """Decode a plaintext; bytes after the 66 known ones are ignored."""
+        if len(data) < RELAY_PLAIN_LEN:
+            raise WireError(
+                f"relay plaintext of {len(data)} bytes is shorter than {RELAY_PLAIN_LEN}"
+            )
+        server_time, rid, flags, _reserved, peer = _RELAY.unpack_from(data)
+        relay = Endpoint.from_bytes(data[_RELAY.size:RELAY_PLAIN_LEN])
+        return cls(server_time, rid, peer, relay, flags)
+
+
+@dataclass(frozen=True)
+class BindBody:
+    """The 40-byte plaintext of a bind (type 5), sent to the relay from WireGuard's port."""
+
+    timestamp: int  # ns since the epoch, strictly increasing per client key (per relay pair)
+    peer: bytes  # the other side of the pair
+
+    def __post_init__(self) -> None:
+        _uint("timestamp", self.timestamp, _U64)
+        object.__setattr__(self, "peer", _key("peer", self.peer))
+
+    def to_bytes(self) -> bytes:
+        return _BIND.pack(self.timestamp, self.peer)
+
+    @classmethod
+    def from_bytes(cls, data: BytesLike) -> BindBody:
+        """Decode a plaintext; bytes after the 40 known ones are ignored."""
+        if len(data) < BIND_PLAIN_LEN:
+            raise WireError(f"bind plaintext of {len(data)} bytes is shorter than {BIND_PLAIN_LEN}")
+        ts, peer = _BIND.unpack_from(data)
+        return cls(ts, peer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from punch.netcheck import Observations, advice, decide, pair_advice
+from punch.netcheck import Observations, advice, decide, pair_advice, relay_at_once
 from rendezvous.nat import Mapping, NatVerdict
 
 LOCAL = ("192.168.1.2", 51820)
@@ -90,3 +90,16 @@ def test_pair_advice() -> None:
     assert "spray" in pair_advice(sym, eim)
     assert pair_advice(sym, adm).startswith("a relay")
     assert pair_advice(NatVerdict(), eim).startswith("unknown")
+
+
+@pytest.mark.parametrize(("mine", "theirs", "want"), [
+    (0x04, 0x04, True),    # symmetric (address and port dependent) both sides
+    (0x03, 0x04, True),    # address dependent is as hard
+    (0x14, 0x03, True),    # port preservation does not make a per-destination NAT easy
+    (0x12, 0x04, False),   # one easy side: the spray can still work
+    (0x01, 0x04, False),   # no NAT on one side
+    (0x00, 0x04, False),   # unknown: wait for the direct attempt's deadline
+    (0x04, 0x00, False),
+])
+def test_relay_at_once_only_when_both_nats_are_hard(mine, theirs, want):
+    assert relay_at_once(mine, theirs) is want

@@ -26,7 +26,8 @@ K1, K2 = bytes(range(32)), bytes(range(100, 132))
 STATE = InterfaceState(
     interface="wg0", pid=1234, mode="daemon", server="203.0.113.7:49918", started=1.5,
     updated=9.25, ended=None, last_reply=9.0,
-    peers={K1: PeerRecord("applied", "198.51.100.4:51820", True, 9.0, "198.51.100.4:51820", 2.0),
+    peers={K1: PeerRecord("applied", "198.51.100.4:51820", True, 9.0, "198.51.100.4:51820", 2.0,
+                          path="relay"),
            K2: PeerRecord("not found", None, False, 8.0)})
 
 
@@ -39,7 +40,8 @@ def test_round_trip():
     assert list(doc["peers"]) == [base64.b64encode(K1).decode(), base64.b64encode(K2).decode()]
     assert doc["peers"][base64.b64encode(K2).decode()] == {
         "status": "not found", "answer": None, "answer_found": False, "answered_at": 8.0,
-        "applied": None, "applied_at": None, "nat": "unknown"}
+        "applied": None, "applied_at": None, "nat": "unknown", "path": None}
+    assert doc["peers"][base64.b64encode(K1).decode()]["path"] == "relay"
 
 
 def test_unknown_fields_are_ignored():

@@ -85,8 +85,10 @@ def test_header_bytes() -> None:
     assert header(MsgType.REQUEST) == b"wgp\x02\x01\x00\x00\x00"
     assert header(MsgType.REPLY) == b"wgp\x02\x02\x00\x00\x00"
     assert header(MsgType.NOTIFY) == b"wgp\x02\x03\x00\x00\x00"
-    with pytest.raises(WireError, match="type 4"):
-        header(4)  # type: ignore[arg-type]
+    assert header(MsgType.RELAY) == b"wgp\x02\x04\x00\x00\x00"
+    assert header(MsgType.BIND) == b"wgp\x02\x05\x00\x00\x00"
+    with pytest.raises(WireError, match="type 6"):
+        header(6)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("t", list(MsgType))
@@ -105,8 +107,8 @@ def test_parse_header_accepts_each_type(t: MsgType) -> None:
         (b"WGP\x02\x01\x00\x00\x00", "magic 574750 is not 776770"),
         (b"wgp\x01\x01\x00\x00\x00", "version 1 is not 2"),
         (b"wgp\x03\x01\x00\x00\x00", "version 3 is not 2"),
-        (b"wgp\x02\x00\x00\x00\x00", r"type 0 is not a known message type \(1..3\)"),
-        (b"wgp\x02\x04\x00\x00\x00", "type 4 is not"),
+        (b"wgp\x02\x00\x00\x00\x00", r"type 0 is not a known message type \(1..5\)"),
+        (b"wgp\x02\x06\x00\x00\x00", "type 6 is not"),
         (b"wgp\x02\xff\x00\x00\x00", "type 255 is not"),
         (b"wgp\x02\x01\x01\x00\x00", "reserved header bytes 010000 are not zero"),
         (b"wgp\x02\x01\x00\x80\x00", "reserved header bytes 008000 are not zero"),
