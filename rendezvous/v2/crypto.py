@@ -221,34 +221,26 @@ class ServerCrypto:
 
     def open_request(self, datagram: BytesLike) -> tuple[bytes, RequestBody]:
         """``(client_public, body)`` of an authentic request; WireError / AuthError otherwise."""
-        if len(datagram) < REQUEST_LEN:
-            raise WireError(f"request of {len(datagram)} bytes is shorter than {REQUEST_LEN}")
-        t = parse_header(datagram)
-        if t is not MsgType.REQUEST:
-            raise WireError(f"type {int(t)} ({t.name.lower()}) is not a message for the server")
-        data = bytes(datagram)
-        client_pub = data[HEADER_LEN:REQUEST_AD_LEN]
-        entry = self._lookup(client_pub)
-        fresh = entry is None
-        if entry is None:
-            entry = self._derive(client_pub)
-        try:
-            plain = entry[0].decrypt(
-                data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN]
-            )
-        except InvalidTag:
-            raise AuthError(f"request from key {client_pub.hex()} does not authenticate") from None
-        if fresh:
-            self._store(client_pub, entry)
+        client_pub, plain = self._open_from_client(datagram, MsgType.REQUEST, REQUEST_LEN)
         return client_pub, RequestBody.from_bytes(plain)
 
     def open_bind(self, datagram: BytesLike) -> tuple[bytes, BindBody]:
         """``(client_public, body)`` of an authentic bind; WireError / AuthError otherwise."""
-        if len(datagram) < BIND_LEN:
-            raise WireError(f"bind of {len(datagram)} bytes is shorter than {BIND_LEN}")
+        client_pub, plain = self._open_from_client(datagram, MsgType.BIND, BIND_LEN)
+        return client_pub, BindBody.from_bytes(plain)
+
+    def _open_from_client(self, datagram: BytesLike, want: MsgType,
+                          min_len: int) -> tuple[bytes, bytes]:
+        """Requests and binds share one layout: header, client key (both the associated
+        data), nonce, ciphertext and tag under the client's k_c2s. A failed open leaves
+        the key cache as it was."""
+        what = want.name.lower()
+        if len(datagram) < min_len:
+            raise WireError(f"{what} of {len(datagram)} bytes is shorter than {min_len}")
         t = parse_header(datagram)
-        if t is not MsgType.BIND:
-            raise WireError(f"type {int(t)} ({t.name.lower()}) is not a bind")
+        if t is not want:
+            expected = "a message for the server" if want is MsgType.REQUEST else f"a {what}"
+            raise WireError(f"type {int(t)} ({t.name.lower()}) is not {expected}")
         data = bytes(datagram)
         client_pub = data[HEADER_LEN:REQUEST_AD_LEN]
         entry = self._lookup(client_pub)
@@ -260,10 +252,10 @@ class ServerCrypto:
                 data[REQUEST_AD_LEN:_NONCE_END], data[_NONCE_END:], data[:REQUEST_AD_LEN]
             )
         except InvalidTag:
-            raise AuthError(f"bind from key {client_pub.hex()} does not authenticate") from None
+            raise AuthError(f"{what} from key {client_pub.hex()} does not authenticate") from None
         if fresh:
             self._store(client_pub, entry)
-        return client_pub, BindBody.from_bytes(plain)
+        return client_pub, plain
 
     def seal_relay(self, client_pub: bytes, body: RelayBody, nonce: bytes | None = None) -> bytes:
         """The 102-byte relay message (type 4) to the client ``client_pub``."""

@@ -30,6 +30,7 @@ from .wire import (
     NotifyBody,
     RelayBody,
     ReplyBody,
+    RequestBody,
     Status,
     WireError,
 )
@@ -91,21 +92,10 @@ class V2Service:
     def handle(self, data: bytes, source: bytes, now: float, wall_ns: int,
                local: bytes | None = None) -> bytes | None:
         c = self.counters
-        try:
-            observed = Endpoint.from_source(source)
-        except WireError:
-            observed = None
-        if observed is None or not observed.usable:
-            c["bad_source"] += 1
+        opened = self._open(data, source)
+        if opened is None:
             return None
-        try:
-            client, body = self.crypto.open_request(data)
-        except AuthError:
-            c["auth_failed"] += 1
-            return None
-        except WireError:
-            c["malformed"] += 1
-            return None
+        observed, client, body = opened
         c["requests"] += 1
         reg = self.registry
         last = reg.last_timestamp(client, now)
@@ -193,12 +183,9 @@ class V2Service:
         self.outbox.append(n)
         self.counters["notifications"] += 1
 
-    def probe(self, data: bytes, source: bytes, wall_ns: int) -> bytes | None:
-        """A request at a probe port: if it authenticates and asks for the client itself
-        (``peer_public == client_public``), a ``pending`` reply whose ``observed`` is the
-        source as seen here. Nothing is registered or remembered (not even the
-        timestamp, which is not checked: a replayed probe changes nothing and its reply
-        is sealed to the real client). Anything else is counted and dropped."""
+    def _open(self, data: bytes, source: bytes) -> tuple[Endpoint, bytes, RequestBody] | None:
+        """The source as an endpoint, the client's key and the request, or None (counted:
+        an unusable source, a datagram that does not authenticate, a malformed one)."""
         c = self.counters
         try:
             observed = Endpoint.from_source(source)
@@ -215,6 +202,18 @@ class V2Service:
         except WireError:
             c["malformed"] += 1
             return None
+        return observed, client, body
+
+    def probe(self, data: bytes, source: bytes, wall_ns: int) -> bytes | None:
+        """A request at a probe port: if it authenticates and asks for the client itself
+        (``peer_public == client_public``), a ``pending`` reply whose ``observed`` is the
+        source as seen here. Nothing is registered or remembered (not even the
+        timestamp, which is not checked: a replayed probe changes nothing and its reply
+        is sealed to the real client). Anything else is counted and dropped."""
+        opened = self._open(data, source)
+        if opened is None:
+            return None
+        observed, client, body = opened
         if body.peer != client:
             return None
         reply = ReplyBody(body.request_id, Status.PENDING, self._server_time(wall_ns), observed)
