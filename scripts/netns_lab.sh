@@ -57,11 +57,14 @@ UDP $RDV_PORT; wg-punch on each side finds the other's public address:port there
 Usage: netns_lab.sh COMMAND [ARGS]
 
   demo [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2] [--stagger S] [--install]
+       [--server-arg ARG]... [--punch-arg ARG]...
         Build a lab, start wg-rendezvous on the server and wg-punch on Alice and Bob,
         ping through the tunnel both ways, print the time from the second client's (Bob's)
         start to the first handshake and where it went, and tear everything down. Both
         clients start at once, or with --stagger S, Bob S seconds after Alice's first
         request is on the wire (Alice is already waiting, as in real life). Start here.
+        --server-arg / --punch-arg append one argument (repeatable) to wg-rendezvous /
+        both wg-punch runs, e.g. --server-arg --relay-port --server-arg 49920.
   check [--install]
         Say which tools are missing and the Debian packages that provide them;
         with --install, scripts/install-deps.sh --lab installs them (apt-get, pip).
@@ -765,10 +768,13 @@ handshake_time() {  # prints the newest handshake time on HOST's wg0 (0 = none)
 }
 
 cmd_demo() {
-  local up_args=() install=0 stagger=
+  local up_args=() install=0 stagger= server_extra=() punch_extra=()
   while [ $# -gt 0 ]; do
     case $1 in
       --nat-a|--nat-b) up_args+=("$1" "${2:-}"); shift 2 ;;
+      --server-arg|--punch-arg) [ $# -ge 2 ] || die "demo: $1 wants an argument"
+        if [ "$1" = --server-arg ]; then server_extra+=("$2"); else punch_extra+=("$2"); fi
+        shift 2 ;;
       --ipv6|--v2) up_args+=("$1"); shift ;;
       --install) install=1; shift ;;
       --stagger) stagger=${2:-}; shift 2
@@ -790,7 +796,7 @@ cmd_demo() {
   local limit=${LAB_TIMEOUT:-20}
 
   server_argv
-  spawn server server "${SERVER_ARGV[@]}"
+  spawn server server "${SERVER_ARGV[@]}" ${server_extra[@]+"${server_extra[@]}"}
   local i
   for i in $(seq 250); do
     on server ss -Hlun "sport = :$RDV_PORT" | grep -q . && break
@@ -800,7 +806,7 @@ cmd_demo() {
   say "wg-rendezvous listens on UDP $RDV_PORT ($(proto_name "$V2"))"
 
   punch_argv alice
-  spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v
+  spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v ${punch_extra[@]+"${punch_extra[@]}"}
   local pa=$SPAWNED
   if [ -n "$stagger" ]; then   # Alice first: Bob once her first request is out, + S seconds
     for i in $(seq 500); do
@@ -812,7 +818,7 @@ cmd_demo() {
   fi
   punch_argv bob
   local t0; t0=$(now_us)
-  spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v
+  spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v ${punch_extra[@]+"${punch_extra[@]}"}
   local pb=$SPAWNED
   say "wg-punch started on alice and bob; waiting up to ${limit}s for a handshake"
   local t1=0 deadline=$(( t0 + limit * 1000000 ))
@@ -847,8 +853,20 @@ cmd_demo() {
   a_set=$(log_ms "$S/logs/punch-alice.log" ' INFO peer .*: endpoint ' "$t0")
   echo "timeline (ms after Bob's wg-punch was started): first request $b_ask," \
        "Bob's endpoint set $b_set, Alice's endpoint set $a_set, first handshake seen $ttt"
+  # Where each side's WireGuard sends to the other at the end, and the addresses that
+  # mean "direct" (the peer's public ones) or "the server" (a relay), for callers that
+  # classify runs (scripts/connectivity_grid.py).
+  local a_ep b_ep pub_a=$PUB_A pub_b=$PUB_B srv=$SRV_ADDR
+  a_ep=$(on alice wg show wg0 endpoints 2>/dev/null | awk 'NR==1 { print $2 }')
+  b_ep=$(on bob wg show wg0 endpoints 2>/dev/null | awk 'NR==1 { print $2 }')
+  [ "$NAT_A" != fw6 ] || pub_a=
+  [ "$NAT_B" != fw6 ] || pub_b=
+  if [ "$IPV6" = 1 ]; then
+    pub_a=${pub_a:+$pub_a,}$ALICE_ADDR6 pub_b=${pub_b:+$pub_b,}$BOB_ADDR6 srv=$srv,$SRV_ADDR6
+  fi
   echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb" \
-       "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set"
+       "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set" \
+       "alice_endpoint=${a_ep:-none} bob_endpoint=${b_ep:-none} pub_a=$pub_a pub_b=$pub_b server=$srv"
   [ $ok = 1 ]
 }
 
