@@ -46,7 +46,7 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "netns_lab.sh"
-IPV4_MODES = ("cone", "fullcone", "symmetric")
+IPV4_MODES = ("cone", "fullcone", "symmetric", "udpblock")
 MODES = (*IPV4_MODES, "fw6")
 OUTCOMES = ("direct", "relayed", "failed", "mixed")
 PROBE_PORT = 49919

@@ -29,7 +29,7 @@ LAN_A_GW6=2001:db8:a::1    ALICE_ADDR6=2001:db8:a::2   # LAN A (2001:db8:a::/64)
 LAN_B_GW6=2001:db8:b::1    BOB_ADDR6=2001:db8:b::2     # LAN B (2001:db8:b::/64)
 LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
 HOSTS="inet server nat-a nat-b alice bob"
-NAT_MODES="cone fullcone symmetric fw6"
+NAT_MODES="cone fullcone symmetric fw6 udpblock"
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
 RDV_NAME=rendezvous.lab                           # the server's name in alice's and bob's /etc/hosts
 
@@ -106,6 +106,11 @@ NAT modes (nftables on each router; the default is cone):
   fw6        an IPv6-only access network (like many mobile networks): no IPv4 beyond
              the LAN (the host has no IPv4 default route), and IPv6 through the
              router's stateful firewall. Turns --ipv6 on for the whole lab.
+  udpblock   cone, behind a firewall that lets UDP out only to the rendezvous server's
+             address (any port: rendezvous, NAT probes, relay) and drops all other UDP
+             leaving the LAN (counted, comment "udp blocked"), as restrictive corporate
+             or guest networks do: no direct path to any peer, only the relay. IPv4
+             (with --ipv6 its IPv6 firewall is the usual one).
 Every router drops unsolicited packets addressed to itself, as home routers do.
 
 IPv6 (--ipv6, or any fw6 router): every router is also an IPv6 stateful firewall, the
@@ -346,6 +351,7 @@ EOF
   if [ "$mode" = fw6 ]; then
     echo '		# fw6: an IPv6-only access network; no IPv4 leaves or enters the LAN'
   else
+    [ "$mode" != udpblock ] || echo "		iifname \"lan\" oifname \"wan\" meta l4proto udp ip daddr != $SRV_ADDR counter drop comment \"udp blocked\""
     echo '		iifname "lan" oifname "wan" accept'
     echo '		iifname "wan" oifname "lan" ct state established,related accept'
   fi
