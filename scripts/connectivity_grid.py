@@ -46,8 +46,9 @@ __all__ = [
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "netns_lab.sh"
-IPV4_MODES = ("cone", "fullcone", "symmetric", "udpblock")
-MODES = (*IPV4_MODES, "fw6")
+CLASSIC_MODES = ("cone", "fullcone", "symmetric")
+EXTRA_MODES = ("udpblock", "double")  # each paired with cone, symmetric and itself
+MODES = (*CLASSIC_MODES, *EXTRA_MODES, "fw6")
 OUTCOMES = ("direct", "relayed", "failed", "mixed")
 PROBE_PORT = 49919
 RELAY_PORT = 49920
@@ -88,8 +89,10 @@ def parse_pair(text: str) -> Pair:
 
 
 def default_pairs() -> list[Pair]:
-    """Every unordered pair of the IPv4 modes, then fw6/fw6."""
-    pairs = [Pair(a, b) for a, b in itertools.combinations_with_replacement(IPV4_MODES, 2)]
+    """Every unordered pair of cone, fullcone and symmetric; udpblock and double each with
+    cone, symmetric and itself; then fw6/fw6."""
+    pairs = [Pair(a, b) for a, b in itertools.combinations_with_replacement(CLASSIC_MODES, 2)]
+    pairs += [Pair(other, mode) for mode in EXTRA_MODES for other in ("cone", "symmetric", mode)]
     return [*pairs, Pair("fw6", "fw6")]
 
 

@@ -28,8 +28,10 @@ INET_B6=2001:db8:f0b::1    PUB_B6=2001:db8:f0b::2      # internet <-> router B (
 LAN_A_GW6=2001:db8:a::1    ALICE_ADDR6=2001:db8:a::2   # LAN A (2001:db8:a::/64)
 LAN_B_GW6=2001:db8:b::1    BOB_ADDR6=2001:db8:b::2     # LAN B (2001:db8:b::/64)
 LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
-HOSTS="inet server nat-a nat-b alice bob"
-NAT_MODES="cone fullcone symmetric fw6 udpblock"
+HOSTS="inet server nat-a nat-b alice bob"   # (+ cgn-a / cgn-b for a double NAT)
+NAT_MODES="cone fullcone symmetric fw6 udpblock double"
+CGN_A_GW=100.64.1.1   CGN_A_LAN=100.64.1.2      # double NAT A: carrier NAT <-> home router WAN
+CGN_B_GW=100.64.2.1   CGN_B_LAN=100.64.2.2      # double NAT B (RFC 6598 shared address space)
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
 RDV_NAME=rendezvous.lab                           # the server's name in alice's and bob's /etc/hosts
 
@@ -111,6 +113,10 @@ NAT modes (nftables on each router; the default is cone):
              leaving the LAN (counted, comment "udp blocked"), as restrictive corporate
              or guest networks do: no direct path to any peer, only the relay. IPv4
              (with --ipv6 its IPv6 firewall is the usual one).
+  double     NAT behind NAT: the home router (cone) has a shared address ($CGN_A_LAN /
+             $CGN_B_LAN, RFC 6598) on its WAN, behind a carrier NAT (host cgn-a / cgn-b,
+             also cone) that holds the public address. Both keep the port when they
+             can, so it maps like one cone NAT. IPv4 only.
 Every router drops unsolicited packets addressed to itself, as home routers do.
 
 IPv6 (--ipv6, or any fw6 router): every router is also an IPv6 stateful firewall, the
@@ -184,10 +190,11 @@ ns_of() {
   case $1 in
     inet) echo "$P-inet" ;; server) echo "$P-srv" ;; nat-a) echo "$P-nat-a" ;;
     nat-b) echo "$P-nat-b" ;; alice) echo "$P-alice" ;; bob) echo "$P-bob" ;;
+    cgn-a) echo "$P-cgn-a" ;; cgn-b) echo "$P-cgn-b" ;;
     *) die "unknown host '$1' (one of: $HOSTS)" ;;
   esac
 }
-all_ns() { local h; for h in $HOSTS; do ns_of "$h"; done; echo "$P-probe"; }
+all_ns() { local h; for h in $HOSTS cgn-a cgn-b; do ns_of "$h"; done; echo "$P-probe"; }
 ns_exists() { [ -e "/run/netns/$1" ]; }
 
 # "pid starttime" pidfiles: a recycled PID is never mistaken for ours.
@@ -300,6 +307,16 @@ link() {
   ip -n "$1" link add "$2" type veth peer name "$5" netns "$4"
   ip -n "$1" addr add "$3" dev "$2"; ip -n "$1" link set "$2" up
   ip -n "$4" addr add "$6" dev "$5"; ip -n "$4" link set "$5" up
+}
+
+# carrier CGN_NS HOME_NS GW ADDR: the carrier NAT of a double NAT (a cone router), its
+# LAN link to the home router's WAN, and the home router's default route through it.
+carrier() {
+  new_ns "$1"
+  ip netns exec "$1" sysctl -qw net.ipv4.ip_forward=1
+  link "$1" lan "$3/24" "$2" wan "$4/24"
+  ip -n "$2" route add default via "$3"
+  nat_ruleset cone | ip netns exec "$1" nft -f -
 }
 
 # nat_ruleset MODE LAN_HOST: the router's nftables table (one table, flushed on reload).
@@ -448,6 +465,9 @@ cmd_up() {
     [[ " $NAT_MODES " == *" $m "* ]] || die "unknown NAT mode '$m' (one of: $NAT_MODES)"
     [ "$m" = fw6 ] && IPV6=1   # an IPv6-only LAN needs IPv6 on the whole lab
   done
+  if [ "$IPV6" = 1 ] && { [ "$nat_a" = double ] || [ "$nat_b" = double ]; }; then
+    die "the double NAT is IPv4 only (no --ipv6, no fw6 on the other side)"
+  fi
   [ "$(id -u)" = 0 ] || die "needs root"
   resolve_prefix new
   local n
@@ -477,13 +497,17 @@ cmd_up() {
   done
 
   link "$inet" srv0 "$INET_SRV/24" "$srv" eth0 "$SRV_ADDR/24"
-  link "$inet" nata0 "$INET_A/24" "$na" wan "$PUB_A/24"
-  link "$inet" natb0 "$INET_B/24" "$nb" wan "$PUB_B/24"
+  # a double NAT's carrier router holds the public address; the home router behind it
+  local wan_a=$na wan_b=$nb
+  if [ "$nat_a" = double ]; then wan_a=$(ns_of cgn-a); carrier "$wan_a" "$na" "$CGN_A_GW" "$CGN_A_LAN"; fi
+  if [ "$nat_b" = double ]; then wan_b=$(ns_of cgn-b); carrier "$wan_b" "$nb" "$CGN_B_GW" "$CGN_B_LAN"; fi
+  link "$inet" nata0 "$INET_A/24" "$wan_a" wan "$PUB_A/24"
+  link "$inet" natb0 "$INET_B/24" "$wan_b" wan "$PUB_B/24"
   link "$na" lan "$LAN_A_GW/24" "$al" eth0 "$ALICE_LAN/24"
   link "$nb" lan "$LAN_B_GW/24" "$bo" eth0 "$BOB_LAN/24"
   ip -n "$srv" route add default via "$INET_SRV"
-  ip -n "$na" route add default via "$INET_A"
-  ip -n "$nb" route add default via "$INET_B"
+  ip -n "$wan_a" route add default via "$INET_A"
+  ip -n "$wan_b" route add default via "$INET_B"
   # an IPv6-only (fw6) LAN host has no IPv4 route beyond its LAN, like a real one
   [ "$nat_a" = fw6 ] || ip -n "$al" route add default via "$LAN_A_GW"
   [ "$nat_b" = fw6 ] || ip -n "$bo" route add default via "$LAN_B_GW"

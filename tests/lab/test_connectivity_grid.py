@@ -104,10 +104,10 @@ def test_parse_pair_and_default_pairs() -> None:
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             grid.parse_pair(bad)
     pairs = [str(p) for p in grid.default_pairs()]
-    assert pairs == ["cone/cone", "cone/fullcone", "cone/symmetric", "cone/udpblock",
-                     "fullcone/fullcone", "fullcone/symmetric", "fullcone/udpblock",
-                     "symmetric/symmetric", "symmetric/udpblock", "udpblock/udpblock",
-                     "fw6/fw6"]
+    assert pairs == ["cone/cone", "cone/fullcone", "cone/symmetric", "fullcone/fullcone",
+                     "fullcone/symmetric", "symmetric/symmetric",
+                     "cone/udpblock", "symmetric/udpblock", "udpblock/udpblock",
+                     "cone/double", "symmetric/double", "double/double", "fw6/fw6"]
 
 
 def test_report_counts_outcomes_and_medians_per_pair() -> None:

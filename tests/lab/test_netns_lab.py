@@ -113,6 +113,26 @@ def test_udpblock_lets_udp_reach_only_the_server(make_lab) -> None:
     assert not lab.wait_handshake("alice", 6) and not lab.wait_handshake("bob", 1)
 
 
+def test_double_nat_maps_through_two_cone_routers(make_lab) -> None:
+    """double: Alice's home router has a shared address (100.64.1.2) on its WAN, behind a
+    carrier NAT with the public address; both keep the port, so the server sees one cone
+    mapping, both routers hold the flow, and a tunnel works with endpoints set by hand."""
+    lab = make_lab(nat_a="double")
+    assert Path(f"/run/netns/{lab.prefix}-cgn-a").exists()
+    assert not Path(f"/run/netns/{lab.prefix}-cgn-b").exists()
+    wan = lab.run("nat-a", ["ip", "-4", "-o", "addr", "show", "dev", "wan"]).stdout
+    assert "100.64.1.2/24" in wan, wan
+    _echo(lab)
+    seen = lab.ask("alice", 40000, *(f"{lab.server}:{p}" for p in ECHO_PORTS))
+    assert seen == [f"{lab.info['PUB_A']}:40000"] * 3
+    assert "sport=40000" in lab.conntrack("a")  # the home router's flow...
+    carrier = lab.run("cgn-a", ["conntrack", "-L", "-p", "udp"], check=False).stdout
+    assert "src=100.64.1.2" in carrier and "sport=40000" in carrier, carrier  # ...and the carrier's
+    _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"]) and lab.ping("bob", lab.info["ALICE_TUN"])
+
+
 def test_routers_drop_unsolicited_packets_without_a_trace(make_lab) -> None:
     lab = make_lab()
     assert lab.ask("bob", 51000, f"{lab.info['PUB_A']}:51820") == ["-"]
