@@ -28,8 +28,10 @@ INET_B6=2001:db8:f0b::1    PUB_B6=2001:db8:f0b::2      # internet <-> router B (
 LAN_A_GW6=2001:db8:a::1    ALICE_ADDR6=2001:db8:a::2   # LAN A (2001:db8:a::/64)
 LAN_B_GW6=2001:db8:b::1    BOB_ADDR6=2001:db8:b::2     # LAN B (2001:db8:b::/64)
 LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
-HOSTS="inet server nat-a nat-b alice bob"
-NAT_MODES="cone fullcone symmetric fw6"
+HOSTS="inet server nat-a nat-b alice bob"   # (+ cgn-a / cgn-b for a double NAT)
+NAT_MODES="cone fullcone symmetric fw6 udpblock double"
+CGN_A_GW=100.64.1.1   CGN_A_LAN=100.64.1.2      # double NAT A: carrier NAT <-> home router WAN
+CGN_B_GW=100.64.2.1   CGN_B_LAN=100.64.2.2      # double NAT B (RFC 6598 shared address space)
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
 RDV_NAME=rendezvous.lab                           # the server's name in alice's and bob's /etc/hosts
 
@@ -57,11 +59,14 @@ UDP $RDV_PORT; wg-punch on each side finds the other's public address:port there
 Usage: netns_lab.sh COMMAND [ARGS]
 
   demo [--nat-a MODE] [--nat-b MODE] [--ipv6] [--v2] [--stagger S] [--install]
+       [--server-arg ARG]... [--punch-arg ARG]...
         Build a lab, start wg-rendezvous on the server and wg-punch on Alice and Bob,
         ping through the tunnel both ways, print the time from the second client's (Bob's)
         start to the first handshake and where it went, and tear everything down. Both
         clients start at once, or with --stagger S, Bob S seconds after Alice's first
         request is on the wire (Alice is already waiting, as in real life). Start here.
+        --server-arg / --punch-arg append one argument (repeatable) to wg-rendezvous /
+        both wg-punch runs, e.g. --server-arg --relay-port --server-arg 49920.
   check [--install]
         Say which tools are missing and the Debian packages that provide them;
         with --install, scripts/install-deps.sh --lab installs them (apt-get, pip).
@@ -103,6 +108,15 @@ NAT modes (nftables on each router; the default is cone):
   fw6        an IPv6-only access network (like many mobile networks): no IPv4 beyond
              the LAN (the host has no IPv4 default route), and IPv6 through the
              router's stateful firewall. Turns --ipv6 on for the whole lab.
+  udpblock   cone, behind a firewall that lets UDP out only to the rendezvous server's
+             address (any port: rendezvous, NAT probes, relay) and drops all other UDP
+             leaving the LAN (counted, comment "udp blocked"), as restrictive corporate
+             or guest networks do: no direct path to any peer, only the relay. IPv4
+             (with --ipv6 its IPv6 firewall is the usual one).
+  double     NAT behind NAT: the home router (cone) has a shared address ($CGN_A_LAN /
+             $CGN_B_LAN, RFC 6598) on its WAN, behind a carrier NAT (host cgn-a / cgn-b,
+             also cone) that holds the public address. Both keep the port when they
+             can, so it maps like one cone NAT. IPv4 only.
 Every router drops unsolicited packets addressed to itself, as home routers do.
 
 IPv6 (--ipv6, or any fw6 router): every router is also an IPv6 stateful firewall, the
@@ -176,10 +190,11 @@ ns_of() {
   case $1 in
     inet) echo "$P-inet" ;; server) echo "$P-srv" ;; nat-a) echo "$P-nat-a" ;;
     nat-b) echo "$P-nat-b" ;; alice) echo "$P-alice" ;; bob) echo "$P-bob" ;;
+    cgn-a) echo "$P-cgn-a" ;; cgn-b) echo "$P-cgn-b" ;;
     *) die "unknown host '$1' (one of: $HOSTS)" ;;
   esac
 }
-all_ns() { local h; for h in $HOSTS; do ns_of "$h"; done; echo "$P-probe"; }
+all_ns() { local h; for h in $HOSTS cgn-a cgn-b; do ns_of "$h"; done; echo "$P-probe"; }
 ns_exists() { [ -e "/run/netns/$1" ]; }
 
 # "pid starttime" pidfiles: a recycled PID is never mistaken for ours.
@@ -294,6 +309,16 @@ link() {
   ip -n "$4" addr add "$6" dev "$5"; ip -n "$4" link set "$5" up
 }
 
+# carrier CGN_NS HOME_NS GW ADDR: the carrier NAT of a double NAT (a cone router), its
+# LAN link to the home router's WAN, and the home router's default route through it.
+carrier() {
+  new_ns "$1"
+  ip netns exec "$1" sysctl -qw net.ipv4.ip_forward=1
+  link "$1" lan "$3/24" "$2" wan "$4/24"
+  ip -n "$2" route add default via "$3"
+  nat_ruleset cone | ip netns exec "$1" nft -f -
+}
+
 # nat_ruleset MODE LAN_HOST: the router's nftables table (one table, flushed on reload).
 nat_ruleset() {
   local mode=$1 masq='oifname "wan" masquerade'
@@ -343,6 +368,7 @@ EOF
   if [ "$mode" = fw6 ]; then
     echo '		# fw6: an IPv6-only access network; no IPv4 leaves or enters the LAN'
   else
+    [ "$mode" != udpblock ] || echo "		iifname \"lan\" oifname \"wan\" meta l4proto udp ip daddr != $SRV_ADDR counter drop comment \"udp blocked\""
     echo '		iifname "lan" oifname "wan" accept'
     echo '		iifname "wan" oifname "lan" ct state established,related accept'
   fi
@@ -439,6 +465,9 @@ cmd_up() {
     [[ " $NAT_MODES " == *" $m "* ]] || die "unknown NAT mode '$m' (one of: $NAT_MODES)"
     [ "$m" = fw6 ] && IPV6=1   # an IPv6-only LAN needs IPv6 on the whole lab
   done
+  if [ "$IPV6" = 1 ] && { [ "$nat_a" = double ] || [ "$nat_b" = double ]; }; then
+    die "the double NAT is IPv4 only (no --ipv6, no fw6 on the other side)"
+  fi
   [ "$(id -u)" = 0 ] || die "needs root"
   resolve_prefix new
   local n
@@ -468,13 +497,17 @@ cmd_up() {
   done
 
   link "$inet" srv0 "$INET_SRV/24" "$srv" eth0 "$SRV_ADDR/24"
-  link "$inet" nata0 "$INET_A/24" "$na" wan "$PUB_A/24"
-  link "$inet" natb0 "$INET_B/24" "$nb" wan "$PUB_B/24"
+  # a double NAT's carrier router holds the public address; the home router behind it
+  local wan_a=$na wan_b=$nb
+  if [ "$nat_a" = double ]; then wan_a=$(ns_of cgn-a); carrier "$wan_a" "$na" "$CGN_A_GW" "$CGN_A_LAN"; fi
+  if [ "$nat_b" = double ]; then wan_b=$(ns_of cgn-b); carrier "$wan_b" "$nb" "$CGN_B_GW" "$CGN_B_LAN"; fi
+  link "$inet" nata0 "$INET_A/24" "$wan_a" wan "$PUB_A/24"
+  link "$inet" natb0 "$INET_B/24" "$wan_b" wan "$PUB_B/24"
   link "$na" lan "$LAN_A_GW/24" "$al" eth0 "$ALICE_LAN/24"
   link "$nb" lan "$LAN_B_GW/24" "$bo" eth0 "$BOB_LAN/24"
   ip -n "$srv" route add default via "$INET_SRV"
-  ip -n "$na" route add default via "$INET_A"
-  ip -n "$nb" route add default via "$INET_B"
+  ip -n "$wan_a" route add default via "$INET_A"
+  ip -n "$wan_b" route add default via "$INET_B"
   # an IPv6-only (fw6) LAN host has no IPv4 route beyond its LAN, like a real one
   [ "$nat_a" = fw6 ] || ip -n "$al" route add default via "$LAN_A_GW"
   [ "$nat_b" = fw6 ] || ip -n "$bo" route add default via "$LAN_B_GW"
@@ -765,10 +798,13 @@ handshake_time() {  # prints the newest handshake time on HOST's wg0 (0 = none)
 }
 
 cmd_demo() {
-  local up_args=() install=0 stagger=
+  local up_args=() install=0 stagger= server_extra=() punch_extra=()
   while [ $# -gt 0 ]; do
     case $1 in
       --nat-a|--nat-b) up_args+=("$1" "${2:-}"); shift 2 ;;
+      --server-arg|--punch-arg) [ $# -ge 2 ] || die "demo: $1 wants an argument"
+        if [ "$1" = --server-arg ]; then server_extra+=("$2"); else punch_extra+=("$2"); fi
+        shift 2 ;;
       --ipv6|--v2) up_args+=("$1"); shift ;;
       --install) install=1; shift ;;
       --stagger) stagger=${2:-}; shift 2
@@ -790,7 +826,7 @@ cmd_demo() {
   local limit=${LAB_TIMEOUT:-20}
 
   server_argv
-  spawn server server "${SERVER_ARGV[@]}"
+  spawn server server "${SERVER_ARGV[@]}" ${server_extra[@]+"${server_extra[@]}"}
   local i
   for i in $(seq 250); do
     on server ss -Hlun "sport = :$RDV_PORT" | grep -q . && break
@@ -800,7 +836,7 @@ cmd_demo() {
   say "wg-rendezvous listens on UDP $RDV_PORT ($(proto_name "$V2"))"
 
   punch_argv alice
-  spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v
+  spawn punch-alice alice "${PUNCH_ARGV[@]}" --timeout "$limit" -v ${punch_extra[@]+"${punch_extra[@]}"}
   local pa=$SPAWNED
   if [ -n "$stagger" ]; then   # Alice first: Bob once her first request is out, + S seconds
     for i in $(seq 500); do
@@ -812,7 +848,7 @@ cmd_demo() {
   fi
   punch_argv bob
   local t0; t0=$(now_us)
-  spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v
+  spawn punch-bob bob "${PUNCH_ARGV[@]}" --timeout "$limit" -v ${punch_extra[@]+"${punch_extra[@]}"}
   local pb=$SPAWNED
   say "wg-punch started on alice and bob; waiting up to ${limit}s for a handshake"
   local t1=0 deadline=$(( t0 + limit * 1000000 ))
@@ -847,8 +883,20 @@ cmd_demo() {
   a_set=$(log_ms "$S/logs/punch-alice.log" ' INFO peer .*: endpoint ' "$t0")
   echo "timeline (ms after Bob's wg-punch was started): first request $b_ask," \
        "Bob's endpoint set $b_set, Alice's endpoint set $a_set, first handshake seen $ttt"
+  # Where each side's WireGuard sends to the other at the end, and the addresses that
+  # mean "direct" (the peer's public ones) or "the server" (a relay), for callers that
+  # classify runs (scripts/connectivity_grid.py).
+  local a_ep b_ep pub_a=$PUB_A pub_b=$PUB_B srv=$SRV_ADDR
+  a_ep=$(on alice wg show wg0 endpoints 2>/dev/null | awk 'NR==1 { print $2 }')
+  b_ep=$(on bob wg show wg0 endpoints 2>/dev/null | awk 'NR==1 { print $2 }')
+  [ "$NAT_A" != fw6 ] || pub_a=
+  [ "$NAT_B" != fw6 ] || pub_b=
+  if [ "$IPV6" = 1 ]; then
+    pub_a=${pub_a:+$pub_a,}$ALICE_ADDR6 pub_b=${pub_b:+$pub_b,}$BOB_ADDR6 srv=$srv,$SRV_ADDR6
+  fi
   echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb" \
-       "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set"
+       "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set" \
+       "alice_endpoint=${a_ep:-none} bob_endpoint=${b_ep:-none} pub_a=$pub_a pub_b=$pub_b server=$srv"
   [ $ok = 1 ]
 }
 

@@ -57,7 +57,8 @@ def no_lab_left_behind() -> Iterator[None]:
     left = leftovers(RUN_PREFIX)
     if left:  # clean up, then fail loudly
         for name in {x.split()[1].rsplit("/", 1)[-1] for x in left}:
-            for suffix in ("-inet", "-srv", "-nat-a", "-nat-b", "-alice", "-bob", "-probe"):
+            for suffix in ("-inet", "-srv", "-nat-a", "-nat-b", "-alice", "-bob", "-probe",
+                           "-cgn-a", "-cgn-b"):
                 if name.endswith(suffix):
                     name = name[: -len(suffix)]
             subprocess.run(["bash", str(SCRIPT), "down"], env=script_env(name),

@@ -91,6 +91,48 @@ def test_only_fullcone_lets_a_stranger_in_on_a_mapped_port(make_lab, mode: str,
     assert (f"{lab.info['PUB_B']}:40001" in out.split()) is reached, out
 
 
+def test_udpblock_lets_udp_reach_only_the_server(make_lab) -> None:
+    """udpblock: UDP from the LAN reaches the server's address on any port (rendezvous,
+    probes, relay), through a cone mapping; UDP toward anyone else is dropped and
+    counted, even where the other side's NAT would let it in."""
+    lab = make_lab(nat_a="udpblock")
+    _echo(lab)
+    seen = lab.ask("alice", 40000, *(f"{lab.server}:{p}" for p in ECHO_PORTS))
+    assert seen == [f"{lab.info['PUB_A']}:40000"] * 3
+    # Bob opens his cone NAT toward Alice's mapping; her datagram to him never leaves NAT A
+    listener = lab.probe("bob", "listen", "40001", "2", f"{lab.info['PUB_A']}:40000")
+    lab.wait_line(listener)
+    assert lab.ask("alice", 40000, f"{lab.info['PUB_B']}:40001") == ["-"]
+    out, _ = lab.stop(listener)
+    assert lab.info["PUB_A"] not in out, out
+    rules = lab.run("nat-a", ["nft", "list", "chain", "ip", "wgpunch_lab", "router_fwd"]).stdout
+    (line,) = [x for x in rules.splitlines() if "udp blocked" in x]
+    assert int(line.split("packets ")[1].split()[0]) >= 1, line
+    # the reverse direction (Bob to Alice) is just as closed: WireGuard never handshakes
+    _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
+    assert not lab.wait_handshake("alice", 6) and not lab.wait_handshake("bob", 1)
+
+
+def test_double_nat_maps_through_two_cone_routers(make_lab) -> None:
+    """double: Alice's home router has a shared address (100.64.1.2) on its WAN, behind a
+    carrier NAT with the public address; both keep the port, so the server sees one cone
+    mapping, both routers hold the flow, and a tunnel works with endpoints set by hand."""
+    lab = make_lab(nat_a="double")
+    assert Path(f"/run/netns/{lab.prefix}-cgn-a").exists()
+    assert not Path(f"/run/netns/{lab.prefix}-cgn-b").exists()
+    wan = lab.run("nat-a", ["ip", "-4", "-o", "addr", "show", "dev", "wan"]).stdout
+    assert "100.64.1.2/24" in wan, wan
+    _echo(lab)
+    seen = lab.ask("alice", 40000, *(f"{lab.server}:{p}" for p in ECHO_PORTS))
+    assert seen == [f"{lab.info['PUB_A']}:40000"] * 3
+    assert "sport=40000" in lab.conntrack("a")  # the home router's flow...
+    carrier = lab.run("cgn-a", ["conntrack", "-L", "-p", "udp"], check=False).stdout
+    assert "src=100.64.1.2" in carrier and "sport=40000" in carrier, carrier  # ...and the carrier's
+    _set_endpoints_by_hand(lab, f"{lab.info['PUB_B']}:51820", f"{lab.info['PUB_A']}:51820")
+    assert lab.wait_handshake("alice", 15) and lab.wait_handshake("bob", 15)
+    assert lab.ping("alice", lab.info["BOB_TUN"]) and lab.ping("bob", lab.info["ALICE_TUN"])
+
+
 def test_routers_drop_unsolicited_packets_without_a_trace(make_lab) -> None:
     lab = make_lab()
     assert lab.ask("bob", 51000, f"{lab.info['PUB_A']}:51820") == ["-"]
