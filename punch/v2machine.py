@@ -419,7 +419,11 @@ class PunchV2:
             st.hold_until = min(self._inflight[ask6.inflight].deadline, now + t.v6_grace)
             actions = []
         else:
+            wanted = st.relay_wanted
             actions = self._settle(st, now)
+            if st.relay_wanted and not wanted:  # settling asked for the relay: ask now
+                self._schedule(st, ask, now)
+                return actions
         self._schedule(st, ask, now + t.recheck)
         return actions
 
@@ -654,6 +658,14 @@ class PunchV2:
         wait = self._spray_wait(st, answer, now)
         if wait is not None:
             st.hold_until = wait  # poll() settles it again then
+            return []
+        r = self.relay
+        if (r is not None and r.at_once is not None and not st.relay_wanted
+                and st.applied is None and r.at_once(self.nat, st.peer_nat)):
+            # Both NATs are hard: a direct endpoint can only fail, and WireGuard would
+            # then hold off its next handshake for 5 s (REKEY_TIMEOUT) before trying the
+            # relay. Ask for the relay straight away; the upgrade tries come later.
+            self._want_relay(st, now)
             return []
         reason = apply_reason(st.view, st.applied, answer, self._looks_dead(st, now))
         if reason is None:

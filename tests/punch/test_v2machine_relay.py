@@ -128,8 +128,11 @@ def test_relay_off_never_asks_and_ignores_offers() -> None:
 def test_both_nats_hard_ask_at_once() -> None:
     m = machine(relay=RelayTiming(at_once=lambda mine, theirs: mine == theirs == 9), nat=9)
     [s] = m.poll(0.0, WALL)
-    [_] = m.on_reply(0.1, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,), peer_nat=9),
-                     4)
+    # no direct endpoint first: its doomed handshake would make WireGuard wait 5 s
+    # (REKEY_TIMEOUT) before it tried the relay
+    assert m.on_reply(0.1, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,),
+                                     peer_nat=9), 4) == []
+    assert m.peers[P1].applied is None and not m.done()
     assert relay_request(m, 0.2).peer == P1
     out = m.on_relay(0.3, RelayBody(WALL + 1, 1, P1, R))
     assert "both NATs need it" in out[1].reason
