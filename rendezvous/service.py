@@ -87,13 +87,7 @@ class Service:
         c = self.counters
         if len(data) != REQUEST_LEN:
             return self._other(data, source, now, local, wall_ns)
-        if not self.classic:
-            c.dropped["classic_off"] += 1
-            return None
-        if len(source) != 6:
-            c.dropped["classic_ipv6"] += 1
-            return None
-        if not self.limiter.allow(source[:4], now):
+        if not self._classic_admitted(source, now):
             return None
         my_key = data[:KEY_LEN]
         if my_key == ZERO_KEY:
@@ -108,6 +102,18 @@ class Service:
         c.found += 1
         return endpoint
 
+    def _classic_admitted(self, source: bytes, now: float) -> bool:
+        """May a classic request from SOURCE go on? Classic must be on, the source IPv4
+        (a classic reply cannot carry IPv6), and the source within its rate limit; each
+        refusal is counted."""
+        if not self.classic:
+            self.counters.dropped["classic_off"] += 1
+            return False
+        if len(source) != 6:
+            self.counters.dropped["classic_ipv6"] += 1
+            return False
+        return self.limiter.allow(source[:4], now)
+
     def probe(self, data: bytes, source: bytes, now: float, local: bytes | None = None,
               wall_ns: int | None = None) -> bytes | None:
         """A datagram that arrived at a probe port (``wg-rendezvous --probe-port``): only
@@ -118,13 +124,7 @@ class Service:
         per-source rate limit applies."""
         c = self.counters
         if len(data) == REQUEST_LEN:
-            if not self.classic:
-                c.dropped["classic_off"] += 1
-                return None
-            if len(source) != 6:
-                c.dropped["classic_ipv6"] += 1
-                return None
-            if not self.limiter.allow(source[:4], now):
+            if not self._classic_admitted(source, now):
                 return None
             if data[:KEY_LEN] == ZERO_KEY or data[:KEY_LEN] != data[KEY_LEN:]:
                 c.probe_refused += 1
