@@ -134,6 +134,16 @@ def _keepalive(text: str) -> int:
     return value
 
 
+def add_family_options(p: argparse.ArgumentParser, what: str) -> None:
+    """-4/--ipv4-only and -6/--ipv6-only (into ``family``; None: both), for wg-punch
+    and wg-punch netcheck."""
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
+                     help=f"v2: {what} over IPv4 only")
+    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
+                     help=f"v2: {what} over IPv6 only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wg-punch", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per endpoint applied (default 512, at most 4096)")
     p.add_argument("--spray-rate", type=_positive, default=5000.0, metavar="R",
                    help="at most R spray datagrams per second (default 5000)")
-    fam = p.add_mutually_exclusive_group()
-    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
-                     help="v2: reach the server over IPv4 only")
-    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
-                     help="v2: reach the server over IPv6 only")
+    add_family_options(p, "reach the server")
     relay = p.add_argument_group("relay fallback (v2)")
     relay.add_argument("--relay-after", type=_positive, default=10.0, metavar="S",
                        help="ask the server for a relay for a peer whose direct endpoint gave "

@@ -182,7 +182,7 @@ def _fmt(a: Addr | None) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import _address_arg, _port_arg, _server_key
+    from .cli import _address_arg, _port_arg, _server_key, add_family_options
 
     p = argparse.ArgumentParser(
         prog="wg-punch netcheck",
@@ -207,11 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "apart too")
     p.add_argument("--timeout", type=float, default=1.5, metavar="S",
                    help="give up on a probe after S seconds (default 1.5)")
-    fam = p.add_mutually_exclusive_group()
-    fam.add_argument("-4", "--ipv4-only", dest="family", action="store_const", const=4,
-                     help="v2: probe over IPv4 only")
-    fam.add_argument("-6", "--ipv6-only", dest="family", action="store_const", const=6,
-                     help="v2: probe over IPv6 only")
+    add_family_options(p, "probe")
     return p
 
 
