@@ -55,6 +55,11 @@ examples:
                                          v2 only: unauthenticated requests are refused
   wg-rendezvous --key server.key --listen 0.0.0.0 --listen 2001:db8::7
   wg-rendezvous --probe-port 49919       NAT detection too (wg-punch netcheck)
+  wg-rendezvous --key server.key --store redis://10.0.0.5:6379/0
+                                         one of several servers sharing a Redis
+                                         (same --key on all of them)
+  wg-rendezvous --store redis://127.0.0.1:6379/0 --workers 4
+                                         4 processes on one port (SO_REUSEPORT)
   wg-rendezvous --listen 203.0.113.7 --probe-port 49919 --probe-address 203.0.113.8
                                          ... telling address-dependent mappings apart
 
@@ -149,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--notify-burst", type=_nonneg(float), default=20.0, metavar="B",
                     help="burst of notifications allowed per client key (default 20)")
     _relay_arguments(p)
+    st = p.add_argument_group(
+        "scale-out (docs/OPERATIONS.md)", "several servers, or several processes on one "
+        "host, serving one fleet through a shared Redis: a key registered through one is "
+        "found through any, and a notification reaches the server that holds the "
+        "client's NAT mapping (pub/sub). If Redis is unreachable each server goes on "
+        "answering from its own tables, and catches up when Redis is back")
+    st.add_argument("--store", metavar="redis://HOST:PORT/DB",
+                    help="keep the registry (with its ttl), the consent state and relay "
+                         "allocations in this Redis too (default: only in this process)")
+    st.add_argument("--store-timeout", type=_nonneg(float), default=0.25, metavar="S",
+                    help="treat Redis as unavailable when a round trip takes longer than "
+                         "S seconds (default 0.25)")
+    st.add_argument("--server-id", metavar="ID",
+                    help="this server's name in the store (letters, digits, ._:@-; "
+                         "default HOSTNAME:PID)")
+    st.add_argument("--workers", type=_nonneg(int), default=1, metavar="N",
+                    help="run N server processes on the same port (SO_REUSEPORT); needs "
+                         "--store; --metrics PORT becomes PORT..PORT+N-1 and --relay-port "
+                         "ranges are split between them (default 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     logsetup.add_argument(p)
     metrics.add_argument(p)
@@ -278,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loose_key = False
     if args.key is not None:
         from .v2.crypto import ServerCrypto
-        from .v2.keys import KeyFormatError, encode_key
+        from .v2.keys import KeyFormatError
         try:
             private, loose_key = _read_server_key(args.key)
             crypto = ServerCrypto(private)
@@ -303,20 +327,74 @@ def main(argv: Sequence[str] | None = None) -> int:
         relay, relay_addresses = _relay_config(args, listen)
     except RelayError as e:
         return _fail(str(e))
+    from .store import StoreError, parse_store_url, valid_server_id
+    try:
+        store_url = parse_store_url(args.store) if args.store is not None else None
+    except StoreError as e:
+        return _fail(str(e))
+    if args.server_id is not None and not valid_server_id(args.server_id):
+        return _fail(f"--server-id {args.server_id!r}: 1-64 letters, digits or ._:@-")
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    if args.workers > 1:
+        if store_url is None:
+            return _fail(f"--workers {args.workers} needs --store redis://...: the workers "
+                         "share no memory, only the store")
+        if args.port == 0:
+            return _fail("--workers needs a fixed --port (0 would give each worker its own)")
+        if relay is not None and len(relay.ports) < args.workers:
+            return _fail(f"--relay-port {ports_text(relay.ports)}: --workers {args.workers} "
+                         "needs at least one relay port per worker")
     config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
                     classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
                     notify_burst=args.notify_burst, relay=relay, relay_addresses=relay_addresses)
-    server = Server(Service(config, crypto), ServerOptions(
+
+    def run(worker: int | None) -> int:
+        return _serve(args, config, crypto, loose_key, listen, probe, store_url, worker,
+                      args.workers)
+
+    if args.workers > 1:
+        from .workers import run_workers
+        return run_workers(args.workers, run)
+    return run(None)
+
+
+def _serve(args: argparse.Namespace, config: Config, crypto: Any, loose_key: bool,
+           listen: list[tuple[str, int]], probe: list[tuple[str, int]], store_url: Any,
+           worker: int | None, workers: int) -> int:
+    """Run one server (or worker WORKER of WORKERS) until stopped; its exit status."""
+    import dataclasses
+    import socket as _socket
+    from .relay import ports_text
+    relay = config.relay
+    if relay is not None and worker is not None:
+        relay = dataclasses.replace(relay, ports=relay.ports[worker::workers])
+        config = dataclasses.replace(config, relay=relay)
+    store = None
+    if store_url is not None:
+        from .redisstore import RedisStore
+        server_id = args.server_id or f"{_socket.gethostname()[:40]}:{os.getpid()}"
+        if args.server_id and worker is not None:
+            server_id = f"{server_id}-w{worker}"
+        store = RedisStore(store_url, server_id, timeout=args.store_timeout or 0.25)
+        if store.connect():
+            log.info("store %s, server id %s", store_url, server_id)
+    server = Server(Service(config, crypto, store), ServerOptions(
         listen=listen, io=args.io, stats_interval=args.stats_interval, verbose=args.verbose,
         ipv6_optional=args.listen is None, probe=probe,
-        relay_ports=relay.ports if relay else ()))
+        relay_ports=relay.ports if relay else (), reuse_port=workers > 1))
     try:
         server.open()
     except ListenError as e:
         logsetup.fail("wg-rendezvous", str(e.strerror), args.log_format)
+        if store is not None:
+            store.close()
         return 1
+    address = args.metrics
+    if address is not None and worker is not None and address[1]:
+        address = (address[0], address[1] + worker)
     try:
-        exporter = metrics.start(args.metrics, server)
+        exporter = metrics.start(address, server)
     except metrics.MetricsError as e:
         logsetup.fail("wg-rendezvous", str(e), args.log_format)
         server.close()
@@ -324,15 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.install_signal_handlers()
     addrs = ", ".join(format_address(a, p) for a, p in server.addresses)
     rate = f"{args.rate:g}/s burst {args.burst:g}" if args.rate > 0 else "off"
-    protocols = ["classic"] if classic else []
+    protocols = ["classic"] if config.classic else []
     if crypto is not None:
+        from .v2.keys import encode_key
         skew = f"{args.max_skew:g}s" if args.max_skew > 0 else "off"
         notify = (f"{args.notify_rate:g}/s burst {args.notify_burst:g}"
                   if args.notify_rate > 0 else "unlimited")
         protocols.append(f"v2 (max skew {skew}, notify {notify} per key, "
                          f"server public key {encode_key(crypto.server_public)})")
-    log.info("listening on %s (ttl %gs, max peers %d, rate limit per source %s; %s)",
-             addrs, args.ttl, args.max_peers, rate, " + ".join(protocols))
+    who = f"worker {worker} (pid {os.getpid()}) " if worker is not None else ""
+    log.info("%slistening on %s (ttl %gs, max peers %d, rate limit per source %s; %s)",
+             who, addrs, args.ttl, args.max_peers, rate, " + ".join(protocols))
     if server.probe_sockets:
         log.info("probe port on %s (self-lookups only, nothing registered)",
                  ", ".join(format_address(a, p) for a, p in server.probe_addresses))
@@ -351,7 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         server.log_stats()
         server.close()
+        if store is not None:
+            store.close()
         if exporter is not None:
             exporter.close()
-    log.info("stopped")
+    log.info("%sstopped", who)
     return 0

@@ -59,6 +59,7 @@ class ServerOptions:
     # (Service.probe), read one datagram at a time; no notification leaves from them.
     probe: Sequence[tuple[str, int]] = ()
     relay_ports: Sequence[int] = ()  # v2 relay: these ports on every listen address
+    reuse_port: bool = False  # SO_REUSEPORT on the listen and probe sockets (--workers)
 
 
 def is_ipv6(addr: str) -> bool:
@@ -69,9 +70,11 @@ def format_address(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if is_ipv6(addr) else f"{addr}:{port}"
 
 
-def open_socket(addr: str, port: int) -> socket.socket:
+def open_socket(addr: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ADDR:PORT (IPv4 or IPv6), asking for the
-    destination address of each datagram on a wildcard bind."""
+    destination address of each datagram on a wildcard bind. REUSE_PORT: several
+    processes bind the same ADDR:PORT and the kernel spreads the sources over them
+    (each source always to the same socket)."""
     v6 = is_ipv6(addr)
     where = format_address(addr, port)
     try:
@@ -86,6 +89,8 @@ def open_socket(addr: str, port: int) -> socket.socket:
             pass
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((addr, port))
         if addr == "0.0.0.0":
             sock.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
@@ -121,6 +126,8 @@ class Server:
         self.send_failed = 0
         self.notify_sent = 0
         self.notify_failed = 0
+        self.notify_published = 0  # handed to the server holding the client's mapping
+        self.notices_received = 0  # from other servers, sent from here
         self._routes: list[tuple[int, bytes | None, socket.socket]] = []  # family, bound, sock
         self.relay_sockets: list[tuple[int, socket.socket]] = []  # (relay port, socket)
         self.relay_send_failed = 0
@@ -138,7 +145,7 @@ class Server:
                 if port == 0 and self.sockets:
                     port = self.sockets[0].getsockname()[1]
                 try:
-                    self.sockets.append(open_socket(addr, port))
+                    self.sockets.append(open_socket(addr, port, self.options.reuse_port))
                 except ListenError as e:
                     if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
                         raise
@@ -147,7 +154,7 @@ class Server:
                 if port == 0 and self.probe_sockets:
                     port = self.probe_sockets[0].getsockname()[1]
                 try:
-                    self.probe_sockets.append(open_socket(addr, port))
+                    self.probe_sockets.append(open_socket(addr, port, self.options.reuse_port))
                 except ListenError as e:
                     if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
                         raise
@@ -258,10 +265,12 @@ class Server:
         for fd in handlers:
             poller.register(fd, select.POLLIN)
         poller.register(self._wake_r.fileno(), select.POLLIN)
+        service = self.service
+        store = service.store if hasattr(service.store, "tick") else None
+        store_fd = self._watch_store(poller, handlers, None)
         interval = self.options.stats_interval
         next_stats = self.clock() + interval if interval > 0 else float("inf")
         next_sweep = self.clock() + 10
-        service = self.service
         while self._running:
             events = poller.poll(1000)
             service.set_wall_clock(self.clock(), time.time_ns())
@@ -273,6 +282,8 @@ class Server:
                         self.send_notifications()
             now = self.clock()
             self.service.tick(now)
+            if store and store.tick(now):
+                store_fd = self._watch_store(poller, handlers, store_fd)
             if now >= next_sweep:
                 self.service.sweep(now)
                 next_sweep = now + 10
@@ -280,12 +291,46 @@ class Server:
                 self.log_stats()
                 next_stats = now + interval
 
+    def _watch_store(self, poller: select.poll, handlers: dict[int, Callable[[], None]],
+                     old: int | None) -> int | None:
+        """Poll the store's notification socket (anew after a resubscribe)."""
+        if old is not None:
+            handlers.pop(old, None)
+            try:
+                poller.unregister(old)
+            except (KeyError, ValueError):
+                pass
+        store = self.service.store
+        fd = store.fileno() if store is not None and hasattr(store, "fileno") else None
+        if fd is not None:
+            handlers[fd] = self._read_notices
+            poller.register(fd, select.POLLIN)
+        return fd
+
+    def _read_notices(self) -> None:
+        """Notifications other servers publish for clients whose mapping we hold."""
+        from .store import Notice, StoreError
+        store = self.service.store
+        for payload in store.notices():
+            try:
+                notice = Notice.decode(payload)
+            except StoreError as e:
+                store.stats.notices_bad += 1
+                log.debug("store: %s", e)
+                continue
+            self.notices_received += 1
+            self.notify_sent += self._send_notification(notice.destination, notice.datagram,
+                                                        notice.local)
+
     def log_stats(self) -> None:
         stats = self.service.snapshot()
         stats["send_failed"] = self.send_failed
         if self.service.v2 is not None:
             stats["notify_sent"] = self.notify_sent
             stats["notify_failed"] = self.notify_failed
+            if self.service.store is not None:
+                stats["notify_published"] = self.notify_published
+                stats["notices_received"] = self.notices_received
         if self.relay_sockets:
             stats["relay_send_failed"] = self.relay_send_failed
         log.info("stats: %s", " ".join(f"{k}={v}" for k, v in stats.items()))
@@ -299,7 +344,13 @@ class Server:
 
         handle = logged if self.options.verbose else self.service.handle
         # Whole batches of classic requests in bulk (not when each request is logged).
-        bulk = None if self.options.verbose else ClassicBatch(self.service).handle
+        if self.options.verbose:
+            bulk = None
+        elif self.service.store is not None:
+            from .sharedbatch import SharedBatch
+            bulk = SharedBatch(self.service).handle
+        else:
+            bulk = ClassicBatch(self.service).handle
         clock = self.clock
 
         def read() -> None:
@@ -367,42 +418,53 @@ class Server:
         return read
 
     def send_notifications(self) -> int:
-        """Send the v2 notifications the service queued; return how many were sent."""
+        """Send the v2 notifications the service queued (or hand them to the server
+        holding the client's mapping); return how many were sent from here."""
         sent = 0
+        store = self.service.store
         for n in self.service.drain_notifications():
-            dest = n.destination
-            fam = 4 if len(dest) == 6 else 6
-            # the socket bound to the local address, else a wildcard one (with that
-            # address as the source where known), else any socket of the family
-            same = [(bound, s) for family, bound, s in self._routes if family == fam]
-            sock = next((s for bound, s in same if bound is not None and bound == n.local), None)
-            cmsg: list[tuple[int, int, bytes]] = []
-            if sock is None:
-                sock = next((s for bound, s in same if bound is None), None)
-                if sock is not None and n.local is not None:
-                    cmsg = ([(socket.IPPROTO_IPV6, _IPV6_PKTINFO, n.local + bytes(4))] if fam == 6
-                            else [(socket.IPPROTO_IP, mmsg.IP_PKTINFO,
-                                   bytes(4) + n.local + bytes(4))])
-            if sock is None and same:
-                sock = same[0][1]
-            if sock is None:
-                self.notify_failed += 1
+            if n.server is not None and store is not None:
+                from .store import Notice
+                if store.publish(n.server, Notice(n.destination, n.datagram, n.local).encode()):
+                    self.notify_published += 1
+                else:
+                    self.notify_failed += 1
                 continue
-            port = int.from_bytes(dest[-2:], "big")
-            to: tuple[str, int] | tuple[str, int, int, int]
-            if fam == 4:
-                to = (socket.inet_ntoa(dest[:4]), port)
-            else:
-                to = (socket.inet_ntop(socket.AF_INET6, dest[:16]), port, 0, 0)
-            try:
-                sock.sendmsg([n.datagram], cmsg, 0, to)
-            except OSError as e:
-                self.notify_failed += 1
-                log.debug("notify to %s: %s", to, e)
-                continue
-            sent += 1
+            sent += self._send_notification(n.destination, n.datagram, n.local)
         self.notify_sent += sent
         return sent
+
+    def _send_notification(self, dest: bytes, datagram: bytes, local: bytes | None) -> int:
+        """Send DATAGRAM to DEST from LOCAL where possible; 1 if sent, else 0 (counted)."""
+        fam = 4 if len(dest) == 6 else 6
+        # the socket bound to the local address, else a wildcard one (with that
+        # address as the source where known), else any socket of the family
+        same = [(bound, s) for family, bound, s in self._routes if family == fam]
+        sock = next((s for bound, s in same if bound is not None and bound == local), None)
+        cmsg: list[tuple[int, int, bytes]] = []
+        if sock is None:
+            sock = next((s for bound, s in same if bound is None), None)
+            if sock is not None and local is not None:
+                cmsg = ([(socket.IPPROTO_IPV6, _IPV6_PKTINFO, local + bytes(4))] if fam == 6
+                        else [(socket.IPPROTO_IP, mmsg.IP_PKTINFO, bytes(4) + local + bytes(4))])
+        if sock is None and same:
+            sock = same[0][1]
+        if sock is None:
+            self.notify_failed += 1
+            return 0
+        port = int.from_bytes(dest[-2:], "big")
+        to: tuple[str, int] | tuple[str, int, int, int]
+        if fam == 4:
+            to = (socket.inet_ntoa(dest[:4]), port)
+        else:
+            to = (socket.inet_ntop(socket.AF_INET6, dest[:16]), port, 0, 0)
+        try:
+            sock.sendmsg([datagram], cmsg, 0, to)
+        except OSError as e:
+            self.notify_failed += 1
+            log.debug("notify to %s: %s", to, e)
+            return 0
+        return 1
 
     @staticmethod
     def _log_request(data: bytes, src: bytes, reply: bytes | None) -> None:

@@ -22,17 +22,21 @@ Differences from the upstream example, on purpose:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .relay import RelayConfig
+from .store import SharedStore, StoreError, classic_commands, classic_results
 from .v2.crypto import ServerCrypto
 from .v2.service import Notification, V2Config, V2Service
 from .v2.wire import looks_like_v2
 
 __all__ = ["Config", "Counters", "Notification", "Service"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,27 @@ class Counters:
     not_found: int = 0
     probes: int = 0          # self-lookups answered on the probe port(s)
     probe_refused: int = 0   # probe-port datagrams that were not a self-lookup
+    store_unavailable: int = 0  # requests answered from the own table: store down
+    store_errors: int = 0       # store replies that made no sense (logged)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("length", "zero_key", "classic_off", "classic_ipv6", "v2_off"), 0))
 
 
 class Service:
-    """CRYPTO (the server's key) enables v2; ``config.classic`` the classic protocol."""
+    """CRYPTO (the server's key) enables v2; ``config.classic`` the classic protocol.
 
-    def __init__(self, config: Config = Config(), crypto: ServerCrypto | None = None) -> None:
+    STORE (``--store``, :mod:`rendezvous.store`) shares the tables with other servers:
+    every registration is also written there and lookups are answered from there first
+    (then from this server's own table, which also answers alone while the store is
+    unavailable). Without a store the service is pure; with one, :meth:`handle` does one
+    round trip to the store per admitted request (batches: :mod:`rendezvous.sharedbatch`).
+    """
+
+    def __init__(self, config: Config = Config(), crypto: ServerCrypto | None = None,
+                 store: SharedStore | None = None) -> None:
         self.config = config
+        self.store = store
+        self._ttl_ms = max(1, int(config.ttl * 1000))
         self.registry = Registry(config.ttl, config.max_peers)
         self.limiter = RateLimiter(config.rate, config.burst)
         self.counters = Counters()
@@ -72,7 +88,7 @@ class Service:
         self.v2 = None if crypto is None else V2Service(V2Config(
             ttl=config.ttl, max_peers=config.max_peers, max_skew=config.max_skew,
             notify_rate=config.notify_rate, notify_burst=config.notify_burst,
-            relay=config.relay, relay_addresses=config.relay_addresses), crypto)
+            relay=config.relay, relay_addresses=config.relay_addresses), crypto, store)
         self.wall_offset_ns = 0  # wall clock minus ``now``, in ns: see set_wall_clock
 
     def set_wall_clock(self, now: float, wall_ns: int) -> None:
@@ -95,12 +111,35 @@ class Service:
             return None
         c.requests += 1
         self.registry.upsert(my_key, source, now)
-        endpoint = self.registry.lookup(data[KEY_LEN:], now)
+        endpoint = None
+        if self.store is not None:
+            endpoint = self.shared_lookups([(my_key, source)], [data[KEY_LEN:]])[0]
+        if endpoint is None:
+            endpoint = self.registry.lookup(data[KEY_LEN:], now)
         if endpoint is None:
             c.not_found += 1
             return b""
         c.found += 1
         return endpoint
+
+    def shared_lookups(self, upserts: list[tuple[bytes, bytes]],
+                       lookups: list[bytes]) -> list[bytes | None]:
+        """Write UPSERTS (key, endpoint) to the store and read LOOKUPS from it, in one
+        round trip; None for a key the store does not hold, or for all of them when the
+        store is unavailable or answers nonsense (counted; the caller then uses the own
+        table)."""
+        store = self.store
+        assert store is not None
+        replies = store.execute(classic_commands(store.keys, upserts, lookups, self._ttl_ms))
+        if replies is None:
+            self.counters.store_unavailable += 1
+            return [None] * len(lookups)
+        try:
+            return classic_results(replies, len(lookups))
+        except StoreError as e:
+            self.counters.store_errors += 1
+            log.warning("store: %s", e)
+            return [None] * len(lookups)
 
     def _classic_admitted(self, source: bytes, now: float) -> bool:
         """May a classic request from SOURCE go on? Classic must be on, the source IPv4
@@ -193,5 +232,7 @@ class Service:
             "evicted": r.evicted,
             "expired": r.expired,
             "peers": len(self.registry),
+            **({"store_unavailable": c.store_unavailable, "store_errors": c.store_errors,
+                **self.store.snapshot()} if self.store is not None else {}),
             **({f"v2_{k}": v for k, v in self.v2.snapshot().items()} if self.v2 else {}),
         }

@@ -18,11 +18,14 @@ would have been, and drops them; it stays 0 unless the codec changes).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..ratelimit import RateLimiter
 from ..relay import Relay, RelayConfig, RelayTable
+from ..store import SharedStore, StoreError
 from .crypto import AuthError, ServerCrypto
+from .directory import LocalDirectory, SharedDirectory
 from .state import V2Registry
 from .wire import (
     FLAG_RELAY,
@@ -37,10 +40,12 @@ from .wire import (
 
 __all__ = ["Notification", "V2Config", "V2Service", "COUNTERS"]
 
+log = logging.getLogger(__name__)
+
 COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_failed",
             "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
             "oversize", "relay_offered", "relay_off", "relay_no_consent", "relay_refused",
-            "relay_no_address")
+            "relay_no_address", "store_unavailable", "store_errors", "notify_remote")
 
 _MAX_OUTBOX = 4096
 
@@ -60,17 +65,23 @@ class V2Config:
 
 @dataclass(frozen=True)
 class Notification:
-    """A datagram to send to DESTINATION (packed source form), from LOCAL if known."""
+    """A datagram to send to DESTINATION (packed source form), from LOCAL if known; by
+    the server SERVER (its id in the shared store) when another one holds the
+    destination's NAT mapping, else (None) by this one."""
 
     destination: bytes
     datagram: bytes
     local: bytes | None = None
+    server: str | None = None
 
 
 class V2Service:
-    def __init__(self, config: V2Config, crypto: ServerCrypto) -> None:
+    def __init__(self, config: V2Config, crypto: ServerCrypto,
+                 store: SharedStore | None = None) -> None:
         self.config = config
         self.crypto = crypto
+        self.store = store
+        self._ttl_ms = max(1, int(config.ttl * 1000))
         self._skew_ns = int(config.max_skew * 1e9)
         self.registry = V2Registry(config.ttl, config.max_peers,
                                    max_asks_per_client=config.max_asks_per_client,
@@ -115,38 +126,68 @@ class V2Service:
 
         peer = body.peer
         changed = reg.accept(client, source, ts, body.nat, peer, now, local)
+        candidates = reg.asked_peers(client, now) if changed else []
+        d = self._directory(client, source, local, body.nat, peer, candidates, now)
         server_time = self._server_time(wall_ns)
-        if reg.may_learn(client, peer, now):
-            eps = reg.endpoints(peer, now)
-            reg.set_told(client, peer, eps)
+        if d.asked(peer, client) and d.endpoints(peer):  # CLIENT may learn PEER
+            eps = d.endpoints(peer)
+            d.set_told(client, peer, eps)
             c["found"] += 1
             reply = ReplyBody(body.request_id, Status.FOUND, server_time, observed,
-                              tuple(Endpoint.from_source(e) for e in eps), reg.nat(peer))
+                              tuple(Endpoint.from_source(e) for e in eps), d.nat(peer))
             concerned = [peer] if peer != client else []
         else:
             c["pending"] += 1
             reply = ReplyBody(body.request_id, Status.PENDING, server_time, observed)
             concerned = []
-        if changed:
-            concerned += [p for p in reg.mutual_peers(client, now) if p != peer]
+        if changed:  # the mutual peers: those a change of CLIENT's endpoint concerns
+            concerned += [p for p in candidates
+                          if p != peer and d.asked(p, client) and d.endpoints(p)]
         if concerned:
-            self._notify(client, concerned, now, server_time, len(data))
+            self._notify(client, concerned, now, server_time, len(data), d)
         out = self._reply(client, reply, len(data))
         if body.flags & FLAG_RELAY and peer != client:
             self._offer_relay(client, peer, body.request_id, source, local, now, server_time,
-                              len(data))
+                              len(data), d)
+        if isinstance(d, SharedDirectory) and d.writes and self.store is not None:
+            self.store.send(d.writes)
         return out
 
+    def _directory(self, client: bytes, source: bytes, local: bytes | None, nat: int,
+                   peer: bytes, candidates: list[bytes], now: float) -> LocalDirectory:
+        """Where facts about other clients come from for this request: the own registry,
+        or (with a store) the store, read in one round trip that also writes CLIENT's
+        registration and ask; the own registry again if the store is unavailable."""
+        local_dir = LocalDirectory(self.registry, now)
+        store = self.store
+        if store is None:
+            return local_dir
+        peers = [peer] + candidates if peer != client else candidates
+        d = SharedDirectory(self.registry, now, store.keys, store.server_id, self._ttl_ms,
+                            client, peers)
+        replies = store.execute(d.commands(source, local, nat, peer))
+        if replies is None:
+            self.counters["store_unavailable"] += 1
+            return local_dir
+        try:
+            d.load(replies)
+        except StoreError as e:
+            self.counters["store_errors"] += 1
+            log.warning("store: %s", e)
+            return local_dir
+        return d
+
     def _offer_relay(self, client: bytes, peer: bytes, request_id: int, source: bytes,
-                     local: bytes | None, now: float, server_time: int, limit: int) -> None:
+                     local: bytes | None, now: float, server_time: int, limit: int,
+                     d: LocalDirectory) -> None:
         """CLIENT asked for a relay for (CLIENT, PEER): allocate one only if the pair is
         mutual (both authenticated, each asked for the other within the ttl), then tell
         CLIENT (at the request's source) and PEER (at its registrations) where it is."""
-        c, reg = self.counters, self.registry
+        c = self.counters
         if self.relay is None:
             c["relay_off"] += 1
             return
-        if not reg.may_learn(client, peer, now):  # CLIENT has just asked for PEER
+        if not (d.asked(peer, client) and d.endpoints(peer)):  # CLIENT has just asked for PEER
             c["relay_no_consent"] += 1
             return
         addr_len = 4 if len(source) == 6 else 16
@@ -172,9 +213,9 @@ class V2Service:
         c["relay_offered"] += 1
         self._queue(Notification(source, mine, local))
         if theirs is not None:
-            for dest, dest_local in reg.destinations(peer, now):
+            for dest, dest_local, server in d.destinations(peer):
                 if len(dest) == len(source):  # the relay's family
-                    self._queue(Notification(dest, theirs, dest_local))
+                    self._queue(Notification(dest, theirs, dest_local, server))
 
     def _queue(self, n: Notification) -> None:
         if len(self.outbox) >= _MAX_OUTBOX:
@@ -227,14 +268,14 @@ class V2Service:
         return out
 
     def _notify(self, client: bytes, peers: list[bytes], now: float, server_time: int,
-                limit: int) -> None:
+                limit: int, d: LocalDirectory) -> None:
         """Tell each of PEERS (all mutual with CLIENT) CLIENT's endpoints, unless it was
         last told exactly those."""
         reg, c = self.registry, self.counters
         mine = reg.endpoints(client, now)
         body: NotifyBody | None = None
         for p in peers:
-            if reg.told(p, client) == mine:
+            if d.told(p, client) == mine:
                 continue
             if not self.notify_limiter.allow(p, now):
                 c["notify_limited"] += 1
@@ -246,13 +287,15 @@ class V2Service:
             if len(datagram) > limit:
                 c["oversize"] += 1
                 continue
-            reg.set_told(p, client, mine)
-            for dest, local in reg.destinations(p, now):
+            d.set_told(p, client, mine)
+            for dest, local, server in d.destinations(p):
                 if len(self.outbox) >= _MAX_OUTBOX:
                     c["notify_dropped"] += 1
                     continue
-                self.outbox.append(Notification(dest, datagram, local))
+                self.outbox.append(Notification(dest, datagram, local, server))
                 c["notifications"] += 1
+                if server is not None:
+                    c["notify_remote"] += 1
 
     def drain(self) -> list[Notification]:
         """The notifications queued since the last call (the shell sends them)."""

@@ -197,6 +197,20 @@ class V2Registry:
         if ask is not None:
             ask.told = endpoints
 
+    def asked_peers(self, key: bytes, now: float, limit: int = 64) -> list[bytes]:
+        """Up to LIMIT peers (other than KEY) that KEY asked for within the ttl, most
+        recent first."""
+        rec = self._get(key, now)
+        if rec is None:
+            return []
+        out = []
+        for peer, ask in reversed(rec.asks.items()):
+            if now - ask.asked >= self.ttl or len(out) >= limit:
+                break
+            if peer != key:
+                out.append(peer)
+        return out
+
     def mutual_peers(self, key: bytes, now: float) -> list[bytes]:
         """Peers (other than KEY) that KEY asked for and that asked for KEY, both within
         the ttl, and that have a fresh registration: those a change of KEY's endpoint

@@ -1,0 +1,253 @@
+"""The shared store: what several rendezvous servers keep in one Redis (``--store``).
+
+Pure: the key schema, the value codecs and the commands the service needs, built from
+and decoded into plain values. The I/O lives in :mod:`rendezvous.redisstore`, which
+executes these commands (a pipeline per batch or request) and reports the store
+unavailable instead of raising, so the service falls back to its own tables.
+
+Design (docs/OPERATIONS.md, "Several servers"):
+- Every server keeps its embedded tables as before and *also* writes what it learns to
+  Redis; lookups of other keys go to Redis, which holds the newest registration
+  whichever server received it. When Redis is unreachable a server answers from its own
+  tables (what it has seen itself) and writes nothing until Redis is back.
+- Expiry is Redis's: every key is written with ``PX`` (the ttl), so a key not refreshed
+  through any server disappears from all of them.
+- Classic: ``c:<key>`` -> the 6-byte endpoint.
+- v2: ``r4:<key>`` / ``r6:<key>`` -> one registration per family (:class:`SharedRegistration`:
+  the source, the server address it arrived at, the NAT verdict and the id of the server
+  that holds the client's NAT mapping); ``a:<key><peer>`` -> KEY asked for PEER (the
+  consent state); ``t:<key><peer>`` -> what KEY was last told about PEER's endpoints.
+- Notifications for a client whose mapping another server holds are published on that
+  server's channel ``n:<server id>`` (:class:`Notice`); only that server can reach the
+  client through its NAT (the mapping is toward that server's address and port).
+- The relay: ``rl:<pair>`` -> which server relays the pair and where (``SET NX``: the
+  first server to allocate wins and the other offers the same relay).
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "Keys",
+    "Notice",
+    "SharedStore",
+    "SharedRegistration",
+    "StoreError",
+    "StoreURL",
+    "parse_store_url",
+    "classic_commands",
+    "keys",
+]
+
+KEY_LEN = 32
+
+
+class StoreError(ValueError):
+    """A bad --store value, or a malformed value read from the store."""
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    host: str
+    port: int = 6379
+    db: int = 0
+    password: str | None = None
+    prefix: str = "wgpunch:"
+
+    def __str__(self) -> str:  # never the password
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"redis://{host}:{self.port}/{self.db}"
+
+
+_SERVER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+
+
+def valid_server_id(text: str) -> bool:
+    return bool(_SERVER_ID.fullmatch(text))
+
+
+def parse_store_url(text: str) -> StoreURL:
+    """``redis://[:PASSWORD@]HOST[:PORT][/DB]`` (IPv6 hosts in brackets)."""
+    u = urllib.parse.urlsplit(text)
+    if u.scheme != "redis":
+        raise StoreError(f"--store {text!r}: only redis://HOST:PORT/DB is supported")
+    try:
+        port = u.port or 6379
+    except ValueError:
+        raise StoreError(f"--store {text!r}: bad port") from None
+    if not u.hostname:
+        raise StoreError(f"--store {text!r}: no host")
+    path = u.path.strip("/")
+    if path and not path.isdigit():
+        raise StoreError(f"--store {text!r}: the database must be a number, got {path!r}")
+    if u.query or u.fragment:
+        raise StoreError(f"--store {text!r}: no query or fragment expected")
+    password = urllib.parse.unquote(u.password) if u.password else None
+    return StoreURL(u.hostname, port, int(path or 0), password)
+
+
+Command = Sequence[bytes | str | int]
+
+
+class SharedStore(Protocol):
+    """What the service needs of a store connection (:class:`rendezvous.redisstore.RedisStore`)."""
+
+    keys: Keys
+    server_id: str
+
+    def execute(self, commands: Sequence[Command]) -> list[object] | None:
+        """The replies (one round trip), or None: unavailable (answer from own tables)."""
+
+    def send(self, commands: Sequence[Command]) -> bool:
+        """Send without waiting for replies; False if unavailable."""
+
+    def publish(self, server_id: str, payload: bytes) -> bool:
+        """A notice for the server SERVER_ID (its channel)."""
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters for the stats line and metrics."""
+
+
+class Keys:
+    """The store's key names under a prefix."""
+
+    def __init__(self, prefix: str = "wgpunch:") -> None:
+        p = prefix.encode()
+        self.classic_p = p + b"c:"
+        self.reg4_p = p + b"r4:"
+        self.reg6_p = p + b"r6:"
+        self.ask_p = p + b"a:"
+        self.told_p = p + b"t:"
+        self.relay_p = p + b"rl:"
+        self.notify_p = p + b"n:"
+
+    def classic(self, key: bytes) -> bytes:
+        return self.classic_p + key
+
+    def reg(self, key: bytes, family: int) -> bytes:
+        return (self.reg4_p if family == 4 else self.reg6_p) + key
+
+    def ask(self, key: bytes, peer: bytes) -> bytes:
+        return self.ask_p + key + peer
+
+    def told(self, key: bytes, peer: bytes) -> bytes:
+        return self.told_p + key + peer
+
+    def relay(self, a: bytes, b: bytes) -> bytes:
+        return self.relay_p + min(a, b) + max(a, b)
+
+    def channel(self, server_id: str) -> bytes:
+        return self.notify_p + server_id.encode()
+
+
+keys = Keys()
+
+
+def classic_commands(k: Keys, upserts: Sequence[tuple[bytes, bytes]], lookups: Sequence[bytes],
+                     ttl_ms: int) -> list[list[bytes | int]]:
+    """SET each (key, endpoint) with the ttl, then one MGET of LOOKUPS (if any). The reply
+    of the last command is the lookups' values (:func:`classic_results`)."""
+    cmds: list[list[bytes | int]] = [[b"SET", k.classic(key), ep, b"PX", ttl_ms]
+                                     for key, ep in upserts]
+    if lookups:
+        cmds.append([b"MGET", *map(k.classic, lookups)])
+    return cmds
+
+
+def classic_results(replies: Sequence[object], n_lookups: int) -> list[bytes | None]:
+    """The endpoints the MGET found (None: absent). StoreError on anything unexpected,
+    including an error reply (a SET refused, e.g. a read-only replica)."""
+    if not n_lookups:
+        values: list[object] = []
+    else:
+        values = replies[-1] if isinstance(replies[-1], list) else []  # type: ignore[assignment]
+        if len(values) != n_lookups:
+            raise StoreError(f"MGET of {n_lookups} keys returned {replies[-1]!r:.80}")
+    for r in replies[:len(replies) - (1 if n_lookups else 0)]:
+        if r != "OK":
+            raise StoreError(f"SET returned {r!r:.80}")
+    out: list[bytes | None] = []
+    for v in values:
+        if v is None or (isinstance(v, bytes) and len(v) == 6):
+            out.append(v)  # type: ignore[arg-type]
+        else:
+            raise StoreError(f"a classic endpoint of {len(v) if isinstance(v, bytes) else v!r} "
+                             "bytes in the store")
+    return out
+
+
+@dataclass(frozen=True)
+class SharedRegistration:
+    """One family's registration of a v2 client, as stored: the source (6 or 18
+    bytes), the local server address it arrived at (4 or 16 bytes, or None), the
+    client's NAT verdict and the id of the server that received it."""
+
+    source: bytes
+    local: bytes | None
+    nat: int
+    server: str
+
+    def encode(self) -> bytes:
+        local = self.local or b""
+        return (bytes((self.nat, len(self.source))) + self.source + bytes((len(local),))
+                + local + self.server.encode())
+
+    @classmethod
+    def decode(cls, data: bytes) -> SharedRegistration:
+        try:
+            nat, n = data[0], data[1]
+            source = data[2:2 + n]
+            m = data[2 + n]
+            local = data[3 + n:3 + n + m]
+            server = data[3 + n + m:].decode()
+        except (IndexError, UnicodeDecodeError):
+            raise StoreError(f"a malformed registration of {len(data)} bytes") from None
+        if n not in (6, 18) or len(source) != n or m not in (0, 4, 16) or len(local) != m \
+                or not valid_server_id(server):
+            raise StoreError(f"a malformed registration of {len(data)} bytes")
+        return cls(source, local or None, nat, server)
+
+
+def encode_endpoints(endpoints: Sequence[bytes]) -> bytes:
+    """Endpoints (at most one 18-byte and one 6-byte, in that order), back to back: the
+    total length (0, 6, 18 or 24) says which."""
+    return b"".join(endpoints)
+
+
+def decode_endpoints(data: bytes) -> tuple[bytes, ...]:
+    if len(data) == 0:
+        return ()
+    if len(data) in (6, 18):
+        return (data,)
+    if len(data) == 24:
+        return (data[:18], data[18:])
+    raise StoreError(f"a malformed endpoint list of {len(data)} bytes")
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A notification another server must send: DATAGRAM to DESTINATION (packed source
+    form), from its local address LOCAL when known."""
+
+    destination: bytes
+    datagram: bytes
+    local: bytes | None = None
+
+    def encode(self) -> bytes:
+        local = self.local or b""
+        return bytes((len(self.destination), len(local))) + self.destination + local + self.datagram
+
+    @classmethod
+    def decode(cls, data: bytes) -> Notice:
+        if len(data) < 2:
+            raise StoreError(f"a notice of {len(data)} bytes")
+        n, m = data[0], data[1]
+        if n not in (6, 18) or m not in (0, 4, 16) or len(data) < 2 + n + m + 1:
+            raise StoreError(f"a malformed notice of {len(data)} bytes")
+        return cls(destination=data[2:2 + n], datagram=data[2 + n + m:],
+                   local=data[2 + n:2 + n + m] or None)

@@ -1,0 +1,159 @@
+"""What a v2 request may learn about *other* clients: this server's own registry, or
+the shared store (``--store``) with the own registry as the fallback.
+
+:class:`LocalDirectory` answers from :class:`rendezvous.v2.state.V2Registry` (pure).
+:class:`SharedDirectory` answers from facts read from the store in the request's single
+round trip (:meth:`SharedDirectory.commands` builds it: this client's registration and
+ask are written first, then the facts about the peer and, when this client's endpoint
+changed, about the peers it asked for); what it learns to tell others (``told``) is
+written back without waiting (``writes``, which the service sends). A peer of which the store
+holds no registration is answered from the own registry, so that a server that has
+seen a peer itself still knows it when the store was emptied (e.g. Redis restarted
+without persistence) until the peer refreshes.
+
+Destinations carry the id of the server holding the client's NAT mapping (None: this
+server), so that a notification for a client registered through another server goes
+to that server (pub/sub) and leaves from the address the client's NAT expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..store import Keys, SharedRegistration, StoreError, decode_endpoints, encode_endpoints
+from .state import Endpoints, V2Registry, family
+
+__all__ = ["Destination", "LocalDirectory", "SharedDirectory"]
+
+Destination = tuple[bytes, bytes | None, str | None]  # source, local address, server id
+
+
+class LocalDirectory:
+    """Other clients as this server's own registry knows them, at NOW."""
+
+    def __init__(self, registry: V2Registry, now: float) -> None:
+        self.registry = registry
+        self.now = now
+
+    def asked(self, key: bytes, peer: bytes) -> bool:
+        return self.registry.asked(key, peer, self.now)
+
+    def endpoints(self, key: bytes) -> Endpoints:
+        return self.registry.endpoints(key, self.now)
+
+    def destinations(self, key: bytes) -> tuple[Destination, ...]:
+        return tuple((s, lo, None) for s, lo in self.registry.destinations(key, self.now))
+
+    def nat(self, key: bytes) -> int:
+        return self.registry.nat(key)
+
+    def told(self, key: bytes, peer: bytes) -> Endpoints | None:
+        return self.registry.told(key, peer)
+
+    def set_told(self, key: bytes, peer: bytes, endpoints: Endpoints) -> None:
+        self.registry.set_told(key, peer, endpoints)
+
+
+class _Facts:
+    __slots__ = ("asked", "regs", "told")
+
+    def __init__(self, asked: bool, regs: tuple[SharedRegistration, ...],
+                 told: Endpoints | None) -> None:
+        self.asked = asked  # the peer asked for the client
+        self.regs = regs  # IPv6 first
+        self.told = told  # what the peer was last told about the client
+
+
+class SharedDirectory(LocalDirectory):
+    """Facts about PEERS' relation to CLIENT from the store, the own registry otherwise."""
+
+    _PER_PEER = 4  # reads per peer: its ask of the client, r6, r4, what it was told
+
+    def __init__(self, registry: V2Registry, now: float, keys: Keys, server_id: str,
+                 ttl_ms: int, client: bytes, peers: Sequence[bytes]) -> None:
+        super().__init__(registry, now)
+        self.keys = keys
+        self.server_id = server_id
+        self.ttl_ms = ttl_ms
+        self.client = client
+        self.peers = list(dict.fromkeys(peers))
+        self.facts: dict[bytes, _Facts] = {}
+        self.writes: list[list[bytes | int]] = []
+
+    def commands(self, source: bytes, local: bytes | None, nat: int,
+                 peer: bytes) -> list[list[bytes | int]]:
+        """The round trip: write CLIENT's registration (at SOURCE, via LOCAL) and its ask
+        for PEER, then read what the store knows of ``self.peers``."""
+        k, c, px = self.keys, self.client, self.ttl_ms
+        reg = SharedRegistration(source, local, nat, self.server_id).encode()
+        cmds: list[list[bytes | int]] = [
+            [b"SET", k.reg(c, family(source)), reg, b"PX", px],
+            [b"SET", k.ask(c, peer), b"1", b"PX", px],
+        ]
+        for p in self.peers:
+            cmds += [[b"EXISTS", k.ask(p, c)], [b"GET", k.reg(p, 6)], [b"GET", k.reg(p, 4)],
+                     [b"GET", k.told(p, c)]]
+        return cmds
+
+    def load(self, replies: Sequence[object]) -> None:
+        """Take the round trip's replies; StoreError if they make no sense."""
+        if len(replies) != 2 + self._PER_PEER * len(self.peers) or replies[0] != "OK" \
+                or replies[1] != "OK":
+            raise StoreError(f"unexpected replies to a v2 round trip: {replies[:3]!r:.120}")
+        for i, p in enumerate(self.peers):
+            asked, r6, r4, told = replies[2 + self._PER_PEER * i:2 + self._PER_PEER * (i + 1)]
+            if not isinstance(asked, int):
+                raise StoreError(f"EXISTS returned {asked!r:.40}")
+            regs = []
+            for raw, fam in ((r6, 6), (r4, 4)):
+                if raw is None:
+                    continue
+                if not isinstance(raw, bytes):
+                    raise StoreError(f"GET returned {raw!r:.40}")
+                r = SharedRegistration.decode(raw)
+                if family(r.source) != fam:
+                    raise StoreError(f"an IPv{family(r.source)} registration under IPv{fam}")
+                regs.append(r)
+            if told is not None and not isinstance(told, bytes):
+                raise StoreError(f"GET returned {told!r:.40}")
+            self.facts[p] = _Facts(bool(asked), tuple(regs),
+                                   None if told is None else decode_endpoints(told))
+
+    def _of(self, key: bytes) -> _Facts | None:
+        f = self.facts.get(key)
+        return f if f is not None and f.regs else None  # nothing stored: the own registry
+
+    def asked(self, key: bytes, peer: bytes) -> bool:
+        f = self._of(key)
+        if f is not None and peer == self.client:
+            return f.asked
+        return super().asked(key, peer)
+
+    def endpoints(self, key: bytes) -> Endpoints:
+        f = self._of(key)
+        return super().endpoints(key) if f is None else tuple(r.source for r in f.regs)
+
+    def destinations(self, key: bytes) -> tuple[Destination, ...]:
+        f = self._of(key)
+        if f is None:
+            return super().destinations(key)
+        return tuple((r.source, r.local, None if r.server == self.server_id else r.server)
+                     for r in f.regs)
+
+    def nat(self, key: bytes) -> int:
+        f = self._of(key)
+        return super().nat(key) if f is None else f.regs[0].nat
+
+    def told(self, key: bytes, peer: bytes) -> Endpoints | None:
+        f = self._of(key)
+        if f is not None and peer == self.client:
+            return f.told
+        return super().told(key, peer)
+
+    def set_told(self, key: bytes, peer: bytes, endpoints: Endpoints) -> None:
+        super().set_told(key, peer, endpoints)
+        self.writes.append([b"SET", self.keys.told(key, peer), encode_endpoints(endpoints),
+                            b"PX", self.ttl_ms])
+        f = self.facts.get(key)
+        if f is not None and peer == self.client:
+            f.told = endpoints
