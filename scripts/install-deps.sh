@@ -4,7 +4,7 @@
 #   (no flag)    the programs: python3 packages pyroute2, cffi and cryptography
 #   --lab        + the netns lab: iproute2, nftables, wireguard-tools, wireguard-go, ping
 #   --tests      + the test suite: the lab, pytest, scapy, prometheus-client, conntrack,
-#                  tcpdump
+#                  tcpdump, redis-server (the --store tests start their own)
 #   --kernel-vm  + the kernel WireGuard VM tests: qemu, busybox-static and a Debian
 #                  kernel with the wireguard module (see ../shared/kernel-wg-vm.md)
 set -euo pipefail
@@ -23,7 +23,7 @@ done
 
 pkgs=(python3 python3-pip)
 [ $lab = 1 ] && pkgs+=(iproute2 nftables wireguard-tools wireguard-go iputils-ping procps util-linux)
-[ $tests = 1 ] && pkgs+=(conntrack tcpdump)
+[ $tests = 1 ] && pkgs+=(conntrack tcpdump redis-server)
 [ $vm = 1 ] && pkgs+=(qemu-system-x86 busybox-static cpio xz-utils zstd kmod linux-image-6.12-rt-amd64)
 missing=()
 for p in "${pkgs[@]}"; do
