@@ -35,6 +35,7 @@ from typing import Protocol
 __all__ = [
     "Keys",
     "Notice",
+    "RelayClaim",
     "SharedStore",
     "SharedRegistration",
     "StoreError",
@@ -227,6 +228,29 @@ def decode_endpoints(data: bytes) -> tuple[bytes, ...]:
     if len(data) == 24:
         return (data[:18], data[18:])
     raise StoreError(f"a malformed endpoint list of {len(data)} bytes")
+
+
+@dataclass(frozen=True)
+class RelayClaim:
+    """Which server relays a pair, and where clients reach it (6- or 18-byte source
+    form: the relay address and port)."""
+
+    relay: bytes
+    server: str
+
+    def encode(self) -> bytes:
+        return bytes((len(self.relay),)) + self.relay + self.server.encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RelayClaim:
+        n = data[0] if data else 0
+        try:
+            server = data[1 + n:].decode()
+        except UnicodeDecodeError:
+            server = ""
+        if n not in (6, 18) or len(data) < 1 + n or not valid_server_id(server):
+            raise StoreError(f"a malformed relay claim of {len(data)} bytes")
+        return cls(data[1:1 + n], server)
 
 
 @dataclass(frozen=True)

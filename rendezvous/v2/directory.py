@@ -20,7 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..store import Keys, SharedRegistration, StoreError, decode_endpoints, encode_endpoints
+from ..store import (
+    Keys,
+    RelayClaim,
+    SharedRegistration,
+    StoreError,
+    decode_endpoints,
+    encode_endpoints,
+)
 from .state import Endpoints, V2Registry, family
 
 __all__ = ["Destination", "LocalDirectory", "SharedDirectory"]
@@ -70,8 +77,11 @@ class SharedDirectory(LocalDirectory):
     _PER_PEER = 4  # reads per peer: its ask of the client, r6, r4, what it was told
 
     def __init__(self, registry: V2Registry, now: float, keys: Keys, server_id: str,
-                 ttl_ms: int, client: bytes, peers: Sequence[bytes]) -> None:
+                 ttl_ms: int, client: bytes, peers: Sequence[bytes],
+                 relay_peer: bytes | None = None) -> None:
         super().__init__(registry, now)
+        self.relay_peer = relay_peer  # the request asks for a relay with this peer
+        self.relay_claim: RelayClaim | None = None  # the pair's relay, if any server has one
         self.keys = keys
         self.server_id = server_id
         self.ttl_ms = ttl_ms
@@ -93,13 +103,21 @@ class SharedDirectory(LocalDirectory):
         for p in self.peers:
             cmds += [[b"EXISTS", k.ask(p, c)], [b"GET", k.reg(p, 6)], [b"GET", k.reg(p, 4)],
                      [b"GET", k.told(p, c)]]
+        if self.relay_peer is not None:
+            cmds.append([b"GET", k.relay(c, self.relay_peer)])
         return cmds
 
     def load(self, replies: Sequence[object]) -> None:
         """Take the round trip's replies; StoreError if they make no sense."""
-        if len(replies) != 2 + self._PER_PEER * len(self.peers) or replies[0] != "OK" \
-                or replies[1] != "OK":
+        want = 2 + self._PER_PEER * len(self.peers) + (self.relay_peer is not None)
+        if len(replies) != want or replies[0] != "OK" or replies[1] != "OK":
             raise StoreError(f"unexpected replies to a v2 round trip: {replies[:3]!r:.120}")
+        if self.relay_peer is not None:
+            claim = replies[-1]
+            if claim is not None:
+                if not isinstance(claim, bytes):
+                    raise StoreError(f"GET returned {claim!r:.40}")
+                self.relay_claim = RelayClaim.decode(claim)
         for i, p in enumerate(self.peers):
             asked, r6, r4, told = replies[2 + self._PER_PEER * i:2 + self._PER_PEER * (i + 1)]
             if not isinstance(asked, int):
@@ -149,6 +167,15 @@ class SharedDirectory(LocalDirectory):
         if f is not None and peer == self.client:
             return f.told
         return super().told(key, peer)
+
+    def claim_relay(self, peer: bytes, relay: bytes, idle_ms: int) -> None:
+        """This server relays (client, PEER) at RELAY: say so in the store (the first
+        claim wins; the owner refreshes its own)."""
+        cmd: list[bytes | int] = [b"SET", self.keys.relay(self.client, peer),
+                                  RelayClaim(relay, self.server_id).encode(), b"PX", idle_ms]
+        if self.relay_claim is None:
+            cmd.append(b"NX")
+        self.writes.append(cmd)
 
     def set_told(self, key: bytes, peer: bytes, endpoints: Endpoints) -> None:
         super().set_told(key, peer, endpoints)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_failed",
             "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
             "oversize", "relay_offered", "relay_off", "relay_no_consent", "relay_refused",
-            "relay_no_address", "store_unavailable", "store_errors", "notify_remote")
+            "relay_no_address", "store_unavailable", "store_errors", "notify_remote",
+            "relay_remote")
 
 _MAX_OUTBOX = 4096
 
@@ -127,7 +128,8 @@ class V2Service:
         peer = body.peer
         changed = reg.accept(client, source, ts, body.nat, peer, now, local)
         candidates = reg.asked_peers(client, now) if changed else []
-        d = self._directory(client, source, local, body.nat, peer, candidates, now)
+        relay_peer = peer if body.flags & FLAG_RELAY and peer != client else None
+        d = self._directory(client, source, local, body.nat, peer, candidates, now, relay_peer)
         server_time = self._server_time(wall_ns)
         if d.asked(peer, client) and d.endpoints(peer):  # CLIENT may learn PEER
             eps = d.endpoints(peer)
@@ -154,7 +156,8 @@ class V2Service:
         return out
 
     def _directory(self, client: bytes, source: bytes, local: bytes | None, nat: int,
-                   peer: bytes, candidates: list[bytes], now: float) -> LocalDirectory:
+                   peer: bytes, candidates: list[bytes], now: float,
+                   relay_peer: bytes | None = None) -> LocalDirectory:
         """Where facts about other clients come from for this request: the own registry,
         or (with a store) the store, read in one round trip that also writes CLIENT's
         registration and ask; the own registry again if the store is unavailable."""
@@ -164,7 +167,7 @@ class V2Service:
             return local_dir
         peers = [peer] + candidates if peer != client else candidates
         d = SharedDirectory(self.registry, now, store.keys, store.server_id, self._ttl_ms,
-                            client, peers)
+                            client, peers, relay_peer)
         replies = store.execute(d.commands(source, local, nat, peer))
         if replies is None:
             self.counters["store_unavailable"] += 1
@@ -184,23 +187,35 @@ class V2Service:
         mutual (both authenticated, each asked for the other within the ttl), then tell
         CLIENT (at the request's source) and PEER (at its registrations) where it is."""
         c = self.counters
-        if self.relay is None:
+        shared = d if isinstance(d, SharedDirectory) else None
+        claim = shared.relay_claim if shared is not None else None
+        if claim is not None and (claim.server == shared.server_id or
+                                  len(claim.relay) != len(source)):
+            claim = None  # ours (the table has it), or of the other family
+        if self.relay is None and claim is None:
             c["relay_off"] += 1
             return
         if not (d.asked(peer, client) and d.endpoints(peer)):  # CLIENT has just asked for PEER
             c["relay_no_consent"] += 1
             return
-        addr_len = 4 if len(source) == 6 else 16
-        addr = local if local is not None and len(local) == addr_len else next(
-            (a for a in self.config.relay_addresses if len(a) == addr_len), None)
-        if addr is None:
-            c["relay_no_address"] += 1
-            return
-        alloc = self.relay.table.allocate(client, peer, now)
-        if alloc is None:
-            c["relay_refused"] += 1
-            return
-        relay = Endpoint.from_source(addr + alloc.port.to_bytes(2, "big"))
+        if claim is not None:  # another server relays this pair: the same relay for both
+            relay = Endpoint.from_source(claim.relay)
+            c["relay_remote"] += 1
+        else:
+            addr_len = 4 if len(source) == 6 else 16
+            addr = local if local is not None and len(local) == addr_len else next(
+                (a for a in self.config.relay_addresses if len(a) == addr_len), None)
+            if addr is None:
+                c["relay_no_address"] += 1
+                return
+            alloc = self.relay.table.allocate(client, peer, now)
+            if alloc is None:
+                c["relay_refused"] += 1
+                return
+            where = addr + alloc.port.to_bytes(2, "big")
+            relay = Endpoint.from_source(where)
+            if shared is not None:
+                shared.claim_relay(peer, where, max(1, int(self.relay.table.config.idle * 1000)))
         mine = self.crypto.seal_relay(client, RelayBody(server_time, request_id, peer, relay))
         theirs = None
         if self.notify_limiter.allow(peer, now):

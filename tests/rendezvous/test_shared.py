@@ -161,3 +161,42 @@ def test_v2_outage_falls_back_to_the_own_registry(redis):
     s2.ask(b, a, v4(2, 2), 1.0)   # both refresh through their servers
     r, _ = s1.ask(a, b, v4(1, 1), 1.1)
     assert r.status is Status.FOUND and r.endpoints == (Endpoint.from_source(v4(2, 2)),)
+
+
+def test_a_pair_gets_one_relay_even_through_two_servers(redis):
+    from rendezvous.relay import RelayConfig
+    from rendezvous.v2.wire import FLAG_RELAY, RelayBody, RequestBody
+
+    def relay_service(sid: str, addr: int) -> Service:
+        store = RedisStore(parse_store_url(redis.url), sid, retry=0.0)
+        assert store.connect()
+        svc = Service(Config(rate=0, relay=RelayConfig(ports=(49919,)),
+                             relay_addresses=(bytes([198, 51, 100, addr]),)),
+                      ServerCrypto(SERVER_PRIV), store)
+        svc.set_wall_clock(0.0, WALL)
+        return svc
+
+    s1, s2 = relay_service("s1", 201), relay_service("s2", 202)
+    pub = s1.v2.crypto.server_public
+    a, b = Client(pub), Client(pub)
+    sa, sb = v4(1, 1000), v4(2, 2000)
+
+    def ask(svc, who, peer, src, now, flags=0):
+        who.ts += 1
+        who.rid += 1
+        data = who.crypto.seal_request(RequestBody(who.ts, who.rid, peer.pub, flags=flags))
+        svc.handle(data, src, now, wall_ns=WALL + int(now * 1e9))
+        return [(n, who.open(n.datagram) if n.destination == src else None)
+                for n in svc.drain_notifications()]
+
+    ask(s1, a, b, sa, 0.0)
+    ask(s2, b, a, sb, 0.1)  # mutual now
+    out = ask(s1, a, b, sa, 0.2, FLAG_RELAY)  # s1 allocates: A's offer and B's (via s2)
+    offers = [body for _, body in out if isinstance(body, RelayBody)]
+    assert len(offers) == 1 and offers[0].relay == Endpoint("198.51.100.201", 49919)
+    assert [n.server for n, body in out if body is None] == ["s2"]  # B's copy goes to s2
+    time.sleep(0.05)  # the claim (sent without waiting) has landed
+    out = ask(s2, b, a, sb, 0.3, FLAG_RELAY)  # B asks s2: the same relay, not a new one
+    offers = [body for _, body in out if isinstance(body, RelayBody)]
+    assert len(offers) == 1 and offers[0].relay == Endpoint("198.51.100.201", 49919)
+    assert s2.v2.counters["relay_remote"] == 1 and len(s2.v2.relay.table) == 0
