@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREFIX = "wgpunch_rendezvous_"
-GAUGES = frozenset({"peers", "rate_buckets", "relays", "consents"})
+GAUGES = frozenset({"peers", "rate_buckets", "relays", "consents", "store_up"})
 SKIP = frozenset({"requests"})
 
 _RENAMED = {
@@ -81,6 +81,9 @@ _HELP = {
     "evictions": "Keys evicted because the table was full (least recently refreshed).",
     "expiries": "Keys forgotten because they were not refreshed within --ttl.",
     "send_failures": "Replies the kernel refused to send.",
+    "store_up": "1 while the shared store (--store) answers, 0 during an outage.",
+    "store_unavailable": "Requests answered from this server's own tables: store down.",
+    "notices_received": "Notifications other servers handed to this one to send.",
 }
 
 
@@ -126,6 +129,9 @@ def server_stats(server: Server) -> dict[str, int]:
     """The service's snapshot plus the server's own counters (what the stats log shows)."""
     stats = server.service.snapshot()
     stats["send_failed"] = server.send_failed
+    if server.service.store is not None:
+        stats["notify_published"] = server.notify_published
+        stats["notices_received"] = server.notices_received
     return stats
 
 

@@ -240,3 +240,28 @@ def test_metrics_port_in_use_exits_1():
 def test_bad_metrics_address_exits_2():
     r = _run("--metrics", "nowhere")
     assert r.returncode == 2 and "metrics address must be ADDR:PORT, got 'nowhere'" in r.stderr
+
+
+def test_store_state_is_a_gauge_and_outages_are_counted(tmp_path):
+    from tests.rendezvous.redislib import RedisServer
+    r = RedisServer(tmp_path).start()
+    s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--metrics", "127.0.0.1:0",
+                      "--store", r.url)
+    try:
+        url = _metrics_url(s.lines)
+        a = client()
+        assert ask(a, s.addr, A, A) != b""
+        got = _server_metrics(scrape(url))
+        assert got[("wgpunch_rendezvous_store_up", ())] == 1
+        assert got[("wgpunch_rendezvous_store_roundtrips_total", ())] >= 1
+        r.stop()
+        assert ask(a, s.addr, A, A) != b""  # answered from the own table
+        got = _server_metrics(scrape(url))
+        assert got[("wgpunch_rendezvous_store_up", ())] == 0
+        assert got[("wgpunch_rendezvous_store_outages_total", ())] == 1
+        assert got[("wgpunch_rendezvous_store_unavailable_total", ())] == 1
+        assert got[("wgpunch_rendezvous_notices_received_total", ())] == 0
+    finally:
+        code, err = s.finish()
+        r.stop()
+    assert code == 0, err
