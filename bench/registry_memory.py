@@ -20,8 +20,10 @@ measurement is reused:
 
 ``--what registry`` measures ``rendezvous.registry.Registry`` alone (the brief);
 ``--what service`` feeds 64-byte requests from N distinct source addresses through
-``rendezvous.service.Service`` with its default configuration, so per-source state
-(the rate limiter) is counted too. Keys are random 32-byte strings created inside the
+``rendezvous.service.Service`` with its default configuration (``max_peers`` raised to
+N when N is larger), so per-source state (the rate limiter) is counted too. ``--what
+v2`` measures ``rendezvous.v2.state.V2Registry``: N authenticated clients, each with
+an IPv4 registration and one ask (the target does not apply: v2 keeps more per client). Keys are random 32-byte strings created inside the
 measured region, because the registry keeps them.
 
 Always exits 0 unless a measurement failed: the verdict is printed, not asserted.
@@ -82,9 +84,26 @@ def _filler(what: str, n: int):  # type: ignore[no-untyped-def]
 
         return fill, lambda: len(reg)
 
-    from rendezvous.service import Service
+    if what == "v2":
+        from rendezvous.v2.state import V2Registry
 
-    svc = Service()  # default Config: ttl 180 s, max 1,000,000 peers, rate limit on
+        v2 = V2Registry(ttl=3600.0, max_peers=n)
+
+        def fill() -> object:
+            accept, randbytes, pack = v2.accept, rng.randbytes, _ENDPOINT.pack
+            peer = rng.randbytes(32)
+            for i in range(n):
+                # an authenticated client: its IPv4 registration and one ask
+                accept(randbytes(32), pack(0x0B000000 + i * 13, 1024 + i % 60000),
+                       1_700_000_000_000_000_000 + i, 0, peer, 1000.0 + i * 1e-6)
+            return v2
+
+        return fill, lambda: len(v2)
+
+    from rendezvous.service import Config, Service
+
+    # the default Config (ttl 180 s, rate limit on), with room for N peers
+    svc = Service(Config(max_peers=max(n, 1_000_000)))
 
     def fill() -> object:
         handle, randbytes, pack = svc.handle, rng.randbytes, _ENDPOINT.pack
@@ -138,7 +157,7 @@ def child(what: str, n: int, traced: bool) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--what", choices=("registry", "service"), default="registry")
+    p.add_argument("--what", choices=("registry", "service", "v2"), default="registry")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
