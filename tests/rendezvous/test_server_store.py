@@ -191,3 +191,28 @@ def test_unreachable_redis_at_start_is_a_warning_not_a_failure(tmp_path):
     assert classic(a, s.port, b"\x01" * 32, b"\x01" * 32) == packed(a)
     rc, log = s.finish()
     assert rc == 0 and "unavailable (cannot connect" in log and "store_up=0" in log
+
+
+def test_workers_split_the_relay_ports(redis, tmp_path):
+    key = SharedKey(tmp_path)
+    low = free_port()
+    port = free_port()
+    w = Proc("--key", str(key.path), "--store", redis.url, "--workers", "2",
+             "--relay-port", f"{low}-{low + 1}", "--relay-address", "127.0.0.1",
+             listening=2, port=port)
+    deadline = time.monotonic() + 5
+    while "".join(w.lines).count("relay on UDP") < 2 and time.monotonic() < deadline:
+        w.lines.append(w.proc.stderr.readline())
+    rc, log = w.finish()
+    assert rc == 0, log
+    ports = sorted(re.findall(r"relay on UDP (\d+) ", log))
+    assert ports == sorted([str(low), str(low + 1)]), log  # one each, none shared
+
+
+def test_workers_need_a_relay_port_each(redis, tmp_path):
+    key = SharedKey(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rendezvous", "--key", str(key.path), "--store", redis.url,
+         "--workers", "2", "--relay-port", "50000", "--relay-address", "127.0.0.1"],
+        capture_output=True, text=True, timeout=30, env=py_env())
+    assert proc.returncode == 2 and "needs at least one relay port per worker" in proc.stderr
