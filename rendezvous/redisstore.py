@@ -97,9 +97,6 @@ class _Conn:
                 data = self.sock.recv(1 << 18)
             except TimeoutError:
                 continue
-            except resp.ProtocolError as e:  # pragma: no cover - raised by replies()
-                self.close()
-                raise _Down(str(e)) from None
             except OSError as e:
                 self.close()
                 raise _Down(f"receive failed: {e.strerror or e}") from None
@@ -109,9 +106,12 @@ class _Conn:
             self.parser.feed(data)
 
     def roundtrip(self, commands: Sequence[Sequence[bytes | str | int]]) -> list[object]:
-        self.send(resp.encode_many(commands))
+        return self.exchange(resp.encode_many(commands), len(commands))
+
+    def exchange(self, payload: bytes, n: int) -> list[object]:
+        self.send(payload)
         try:
-            return self.read(len(commands))
+            return self.read(n)
         except resp.ProtocolError as e:
             self.close()
             raise _Down(f"bad reply: {e}") from None
@@ -216,20 +216,24 @@ class RedisStore:
         """The replies to COMMANDS (one round trip), or None if the store is down."""
         if not commands:
             return []
+        return self.execute_raw(resp.encode_many(commands), len(commands))
+
+    def execute_raw(self, payload: bytes, n: int) -> list[object] | None:
+        """The replies to the N commands encoded in PAYLOAD, or None if the store is down."""
         if not self._ready():
             return None
         try:
-            replies = self._cmd.roundtrip(commands)
+            replies = self._cmd.exchange(payload, n)
         except _Down as e:
             if not self._reconnect_once(str(e)):
                 return None
             try:
-                replies = self._cmd.roundtrip(commands)
+                replies = self._cmd.exchange(payload, n)
             except _Down as e2:
                 self._failed(str(e2))
                 return None
         self.stats.roundtrips += 1
-        self.stats.commands += len(commands)
+        self.stats.commands += n
         return replies
 
     def send(self, commands: Sequence[Sequence[bytes | str | int]]) -> bool:

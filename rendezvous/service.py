@@ -29,7 +29,7 @@ from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
 from .ratelimit import RateLimiter
 from .registry import Registry
 from .relay import RelayConfig
-from .store import SharedStore, StoreError, classic_commands, classic_results
+from .store import ScriptMissing, SharedStore, StoreError, classic_payload, classic_values, script_load
 from .v2.crypto import ServerCrypto
 from .v2.service import Notification, V2Config, V2Service
 from .v2.wire import looks_like_v2
@@ -113,7 +113,7 @@ class Service:
         self.registry.upsert(my_key, source, now)
         endpoint = None
         if self.store is not None:
-            endpoint = self.shared_lookups([(my_key, source)], [data[KEY_LEN:]])[0]
+            endpoint = self.shared_lookups([my_key], source, [data[KEY_LEN:]])[0]
         if endpoint is None:
             endpoint = self.registry.lookup(data[KEY_LEN:], now)
         if endpoint is None:
@@ -122,24 +122,30 @@ class Service:
         c.found += 1
         return endpoint
 
-    def shared_lookups(self, upserts: list[tuple[bytes, bytes]],
+    def shared_lookups(self, keys: list[bytes], endpoints: bytes | bytearray,
                        lookups: list[bytes]) -> list[bytes | None]:
-        """Write UPSERTS (key, endpoint) to the store and read LOOKUPS from it, in one
-        round trip; None for a key the store does not hold, or for all of them when the
-        store is unavailable or answers nonsense (counted; the caller then uses the own
-        table)."""
+        """Write KEYS at ENDPOINTS (6 bytes each, back to back) to the store and read
+        LOOKUPS from it, in one round trip; None for a key the store does not hold, or
+        for all of them when the store is unavailable or answers nonsense (counted; the
+        caller then uses the own table)."""
         store = self.store
         assert store is not None
-        replies = store.execute(classic_commands(store.keys, upserts, lookups, self._ttl_ms))
-        if replies is None:
-            self.counters.store_unavailable += 1
-            return [None] * len(lookups)
-        try:
-            return classic_results(replies, len(lookups))
-        except StoreError as e:
-            self.counters.store_errors += 1
-            log.warning("store: %s", e)
-            return [None] * len(lookups)
+        payload = classic_payload(store.keys, keys, endpoints, lookups, self._ttl_ms)
+        for attempt in (0, 1):
+            replies = store.execute_raw(payload, 1)
+            if replies is None:
+                self.counters.store_unavailable += 1
+                return [None] * len(lookups)
+            try:
+                return classic_values(replies[0], len(lookups))
+            except ScriptMissing:
+                if attempt or store.execute([script_load()]) is None:
+                    break  # loaded, and still missing (or the store went away)
+            except StoreError as e:
+                log.warning("store: %s", e)
+                break
+        self.counters.store_errors += 1
+        return [None] * len(lookups)
 
     def _classic_admitted(self, source: bytes, now: float) -> bool:
         """May a classic request from SOURCE go on? Classic must be on, the source IPv4

@@ -42,9 +42,7 @@ class SharedBatch:
         reqs = bytes(requests)
         mine = [reqs[i:i + KEY_LEN] for i in range(0, len(reqs), REQUEST_LEN)]
         theirs = [reqs[i + KEY_LEN:i + REQUEST_LEN] for i in range(0, len(reqs), REQUEST_LEN)]
-        srcs = bytes(sources)
-        upserts = [(mine[i], srcs[REPLY_LEN * i:REPLY_LEN * i + REPLY_LEN]) for i in range(n)]
-        remote = self.service.shared_lookups(upserts, theirs)
+        remote = self.service.shared_lookups(mine, sources, theirs)
         if not any(r is not None for r in remote):
             return res
         records = bytearray(res.records)

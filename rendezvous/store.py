@@ -12,7 +12,8 @@ Design (docs/OPERATIONS.md, "Several servers"):
   tables (what it has seen itself) and writes nothing until Redis is back.
 - Expiry is Redis's: every key is written with ``PX`` (the ttl), so a key not refreshed
   through any server disappears from all of them.
-- Classic: ``c:<key>`` -> the 6-byte endpoint.
+- Classic: ``c:<key>`` -> the 6-byte endpoint (written and read a batch at a time by
+  :data:`CLASSIC_SCRIPT`).
 - v2: ``r4:<key>`` / ``r6:<key>`` -> one registration per family (:class:`SharedRegistration`:
   the source, the server address it arrived at, the NAT verdict and the id of the server
   that holds the client's NAT mapping); ``a:<key><peer>`` -> KEY asked for PEER (the
@@ -26,6 +27,7 @@ Design (docs/OPERATIONS.md, "Several servers"):
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -41,7 +43,10 @@ __all__ = [
     "StoreError",
     "StoreURL",
     "parse_store_url",
-    "classic_commands",
+    "CLASSIC_SCRIPT",
+    "ScriptMissing",
+    "classic_payload",
+    "classic_values",
     "keys",
 ]
 
@@ -104,6 +109,9 @@ class SharedStore(Protocol):
     def execute(self, commands: Sequence[Command]) -> list[object] | None:
         """The replies (one round trip), or None: unavailable (answer from own tables)."""
 
+    def execute_raw(self, payload: bytes, n: int) -> list[object] | None:
+        """Like :meth:`execute` for N commands already encoded as PAYLOAD."""
+
     def send(self, commands: Sequence[Command]) -> bool:
         """Send without waiting for replies; False if unavailable."""
 
@@ -149,37 +157,70 @@ class Keys:
 keys = Keys()
 
 
-def classic_commands(k: Keys, upserts: Sequence[tuple[bytes, bytes]], lookups: Sequence[bytes],
-                     ttl_ms: int) -> list[list[bytes | int]]:
-    """SET each (key, endpoint) with the ttl, then one MGET of LOOKUPS (if any). The reply
-    of the last command is the lookups' values (:func:`classic_results`)."""
-    cmds: list[list[bytes | int]] = [[b"SET", k.classic(key), ep, b"PX", ttl_ms]
-                                     for key, ep in upserts]
-    if lookups:
-        cmds.append([b"MGET", *map(k.classic, lookups)])
-    return cmds
+# One round trip per batch of classic requests, and one reply: a script that writes
+# every registration and returns all the lookups as one bulk string (6 bytes each, six
+# zero bytes for an absent key), so neither side handles a reply per request.
+CLASSIC_SCRIPT = b"""
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[1])
+end
+if #KEYS == n then return '' end
+local vals = redis.call('MGET', unpack(KEYS, n + 1, #KEYS))
+for i = 1, #vals do
+  if not vals[i] or #vals[i] ~= 6 then vals[i] = '\0\0\0\0\0\0' end
+end
+return table.concat(vals)
+"""
+CLASSIC_SHA = hashlib.sha1(CLASSIC_SCRIPT).hexdigest().encode()
+_ABSENT = bytes(6)
 
 
-def classic_results(replies: Sequence[object], n_lookups: int) -> list[bytes | None]:
-    """The endpoints the MGET found (None: absent). StoreError on anything unexpected,
-    including an error reply (a SET refused, e.g. a read-only replica)."""
-    if not n_lookups:
-        values: list[object] = []
-    else:
-        values = replies[-1] if isinstance(replies[-1], list) else []  # type: ignore[assignment]
-        if len(values) != n_lookups:
-            raise StoreError(f"MGET of {n_lookups} keys returned {replies[-1]!r:.80}")
-    for r in replies[:len(replies) - (1 if n_lookups else 0)]:
-        if r != "OK":
-            raise StoreError(f"SET returned {r!r:.80}")
-    out: list[bytes | None] = []
-    for v in values:
-        if v is None or (isinstance(v, bytes) and len(v) == 6):
-            out.append(v)  # type: ignore[arg-type]
-        else:
-            raise StoreError(f"a classic endpoint of {len(v) if isinstance(v, bytes) else v!r} "
-                             "bytes in the store")
-    return out
+class ScriptMissing(StoreError):
+    """Redis does not have the script yet (``NOSCRIPT``): load it and retry."""
+
+
+def script_load(script: bytes = CLASSIC_SCRIPT) -> list[bytes]:
+    return [b"SCRIPT", b"LOAD", script]
+
+
+def classic_payload(k: Keys, keys: Sequence[bytes], endpoints: bytes | bytearray,
+                    lookups: Sequence[bytes], ttl_ms: int) -> bytes:
+    """The RESP bytes of one EVALSHA of :data:`CLASSIC_SCRIPT`: SET ``keys[i]`` to
+    ``endpoints[6 * i:6 * i + 6]`` with the ttl, for every i, then look up LOOKUPS.
+    Keys are 32 bytes (classic keys), so every argument is built by C-level joins."""
+    n, m = len(keys), len(lookups)
+    if len(endpoints) != 6 * n:
+        raise ValueError(f"{n} keys need {6 * n} bytes of endpoints, got {len(endpoints)}")
+    if sum(map(len, keys)) != KEY_LEN * n or sum(map(len, lookups)) != KEY_LEN * m:
+        raise ValueError("classic keys are 32 bytes")
+    prefix = k.classic_p
+    head = b"$%d\r\n%s" % (len(prefix) + KEY_LEN, prefix)
+    sep = b"\r\n" + head
+    ttl = b"%d" % ttl_ms
+    count = b"%d" % n
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n"
+             % (5 + 2 * n + m, CLASSIC_SHA, len(b"%d" % (n + m)), n + m)]
+    if n + m:
+        parts += [head, sep.join([*keys, *lookups]), b"\r\n"]
+    parts.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(ttl), ttl, len(count), count))
+    if n:
+        ep = bytes(endpoints)
+        parts += [b"$6\r\n", b"\r\n$6\r\n".join([ep[i:i + 6] for i in range(0, 6 * n, 6)]),
+                  b"\r\n"]
+    return b"".join(parts)
+
+
+def classic_values(reply: object, n_lookups: int) -> list[bytes | None]:
+    """The endpoints the script found (None: absent); ScriptMissing or StoreError."""
+    if isinstance(reply, Exception):
+        if str(reply).startswith("NOSCRIPT"):
+            raise ScriptMissing(str(reply))
+        raise StoreError(f"the classic script failed: {reply}")
+    if not isinstance(reply, bytes) or len(reply) != 6 * n_lookups:
+        raise StoreError(f"the classic script returned {reply!r:.60} for {n_lookups} lookups")
+    return [None if v == _ABSENT else v for v in
+            (reply[i:i + 6] for i in range(0, len(reply), 6))]
 
 
 @dataclass(frozen=True)

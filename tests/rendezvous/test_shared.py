@@ -42,6 +42,14 @@ def test_classic_registered_through_one_is_found_through_the_other(redis):
     assert 0 < int(redis.command("PTTL", "wgpunch:c:" + "A" * 32).strip(b":\r\n")) <= 180000
 
 
+def test_the_script_is_loaded_again_when_redis_forgot_it(redis):
+    s1, s2 = service(redis, "s1"), service(redis, "s2")
+    s1.handle(A + A, SA, 0.0)
+    assert redis.command("SCRIPT", "FLUSH") == b"+OK\r\n"
+    assert s2.handle(B + A, SB, 0.1) == SA  # only the store knows A here
+    assert s2.counters.store_errors == 0 and s2.counters.store_unavailable == 0
+
+
 def test_the_newest_registration_wins_whichever_server_took_it(redis):
     s1, s2 = service(redis, "s1"), service(redis, "s2")
     s1.handle(A + A, SA, 0.0)

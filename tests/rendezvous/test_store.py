@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from rendezvous.resp import Parser, ReplyError
 from rendezvous.store import (
     Keys,
     Notice,
     SharedRegistration,
     StoreError,
     StoreURL,
-    classic_commands,
-    classic_results,
+    CLASSIC_SHA,
+    ScriptMissing,
+    classic_payload,
+    classic_values,
     decode_endpoints,
     encode_endpoints,
     parse_store_url,
@@ -50,18 +53,32 @@ def test_key_names_are_prefixed_and_pairs_unordered():
     assert k.channel("host:12") == b"p:n:host:12"
 
 
-def test_classic_commands_and_results():
-    cmds = classic_commands(Keys(), [(A, EP4)], [B, A], 180000)
-    assert cmds == [[b"SET", b"wgpunch:c:" + A, EP4, b"PX", 180000],
-                    [b"MGET", b"wgpunch:c:" + B, b"wgpunch:c:" + A]]
-    assert classic_results(["OK", [None, EP4]], 2) == [None, EP4]
-    assert classic_results(["OK"], 0) == []
+def test_classic_payload_is_one_evalsha_with_every_key_and_endpoint():
+    p = Parser()
+    p.feed(classic_payload(Keys("p:"), [A, B], EP4 + EP4[::-1], [B, A, A], 180000))
+    (cmd,) = list(p.replies())  # a RESP command is an array of bulk strings, like a reply
+    assert cmd == [b"EVALSHA", CLASSIC_SHA, b"5",
+                   b"p:c:" + A, b"p:c:" + B, b"p:c:" + B, b"p:c:" + A, b"p:c:" + A,
+                   b"180000", b"2", EP4, EP4[::-1]]
+    p.feed(classic_payload(Keys(), [], b"", [], 1))
+    assert list(p.replies()) == [[b"EVALSHA", CLASSIC_SHA, b"0", b"1", b"0"]]
+    with pytest.raises(ValueError):
+        classic_payload(Keys(), [A], b"short", [], 1)
+    with pytest.raises(ValueError):
+        classic_payload(Keys(), [A[:31]], EP4, [], 1)
+
+
+def test_classic_values():
+    assert classic_values(EP4 + bytes(6) + EP4, 3) == [EP4, None, EP4]
+    assert classic_values(b"", 0) == []
+    with pytest.raises(ScriptMissing):
+        classic_values(ReplyError("NOSCRIPT No matching script."), 1)
     with pytest.raises(StoreError):
-        classic_results(["OK", [b"short"]], 1)  # not a 6-byte endpoint
+        classic_values(ReplyError("ERR something"), 1)
     with pytest.raises(StoreError):
-        classic_results(["OK", [EP4]], 2)
+        classic_values(EP4, 2)  # not 6 bytes per lookup
     with pytest.raises(StoreError):
-        classic_results([ValueError("READONLY"), [EP4]], 1)  # a refused SET
+        classic_values([EP4], 1)
 
 
 def test_registration_round_trip_and_malformed():
