@@ -411,7 +411,10 @@ same_lan_mode() { [[ " $SAME_LAN_MODES " == *" $1 "* ]]; }
 # just by masquerade keeping the port: both hosts' WireGuard listens on $WG_PORT, so the
 # second one to go out gets another public port from masquerade, and would get yet another
 # for each new destination (nf_nat picks a random free port on a clash). Two maps, learnt
-# after source NAT from every UDP packet leaving through the WAN:
+# from UDP flows through the WAN once conntrack has confirmed them (their replies, and
+# their packets out after the first): a flow's first packet can still lose a race for its
+# port (both hosts start at once, both get $WG_PORT, one is dropped at confirmation), and
+# a mapping learnt from it would pin that host to a port it does not hold.
 #   mapped:  LAN address . port -> public address . port  (new flows reuse the mapping)
 #   hairpin: public port -> LAN address . port            (lan: where a hairpin goes)
 # Hairpinning (lan, RFC 4787 REQ-9): UDP from the LAN to the router's public address and
@@ -425,10 +428,15 @@ lan_ruleset() {
 table ip wgpunch_lab {
 	map mapped { type ipv4_addr . inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 10m; }
 	map hairpin { type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 10m; }
+	chain map_learn_in {
+		type filter hook prerouting priority filter;
+		iifname "wan" meta l4proto udp ct direction reply ct status snat update @mapped { ct original ip saddr . ct original proto-src : ct reply ip daddr . ct reply proto-dst }
+		iifname "wan" meta l4proto udp ct direction reply ct status snat update @hairpin { ct reply proto-dst : ct original ip saddr . ct original proto-src }
+	}
 	chain map_learn {
 		type filter hook postrouting priority srcnat + 10;
-		oifname "wan" meta l4proto udp update @mapped { ct original ip saddr . ct original proto-src : ip saddr . udp sport }
-		oifname "wan" meta l4proto udp update @hairpin { udp sport : ct original ip saddr . ct original proto-src }
+		oifname "wan" meta l4proto udp ct status confirmed update @mapped { ct original ip saddr . ct original proto-src : ip saddr . udp sport }
+		oifname "wan" meta l4proto udp ct status confirmed update @hairpin { udp sport : ct original ip saddr . ct original proto-src }
 	}
 	# test drops (\`drop\` adds counted rules here); before the forward filter
 	chain drops { type filter hook forward priority filter - 10; }
