@@ -90,8 +90,8 @@ def test_same_lan_layout_has_one_router_and_one_lan(make_lab) -> None:
 ])
 def test_same_lan_modes_refuse_a_second_router_or_ipv6(args: list[str], want: str) -> None:
     prefix = new_prefix()
-    r = subprocess.run(["bash", str(SCRIPT), "up", *args], capture_output=True, text=True,
-                       env=script_env(prefix), timeout=60)
+    r = subprocess.run(["bash", str(SCRIPT), "up", *args], check=False, capture_output=True,
+                       text=True, env=script_env(prefix), timeout=60)
     assert r.returncode != 0 and want in r.stderr, r.stderr
     assert leftovers(prefix) == []
 
@@ -176,7 +176,7 @@ def test_v2_without_hairpin_ends_on_the_relay(make_lab) -> None:
     logs = _one_shot(lab, "--wait", "--relay-after", "3")
     relay = f"{lab.server}:{RELAY_PORT}"
     assert lab.endpoint("alice") == relay and lab.endpoint("bob") == relay
-    for who, text in logs.items():
+    for text in logs.values():
         assert re.search(rf"endpoint {re.escape(relay)} \(relay \(", text), text
     assert time.monotonic() - t0 >= 3  # it did wait for the direct path first
     assert lab.rule_packets("a", "no hairpin") >= 2  # each side's direct tries died there
