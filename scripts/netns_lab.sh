@@ -1032,6 +1032,10 @@ cmd_demo() {
     [ "$NAT_A" != symmetric ] && [ "$NAT_B" != symmetric ] ||
       echo "(expected: a symmetric NAT gives a new public port per destination, so the" \
            "address the server saw is not the one the peer must use)"
+    [ "$NAT_A" != lan-nohairpin ] ||
+      echo "(expected without a relay: the router drops LAN packets to its own public" \
+           "address, so neither peer's public endpoint works from the LAN; try --v2" \
+           "--server-arg --relay-port --server-arg 49920 --punch-arg --relay-after --punch-arg 3)"
     for f in punch-alice punch-bob server; do echo "-- $f log (tail)"; tail -n 8 "$S/logs/$f.log"; done
   else
     ttt=$(( (t1 - t0) / 1000 ))
