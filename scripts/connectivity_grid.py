@@ -9,7 +9,10 @@ LAB_PROBE_PORT) and a short --relay-after; a symmetric NAT maps into a port bloc
 both WireGuard interfaces have at the end (the demo's RESULT line):
 
     direct   each side's endpoint is the other side's public address
-             (its NAT's public address, or behind fw6 the host's own IPv6 address)
+             (its NAT's public address, or behind fw6 the host's own IPv6 address);
+             on one LAN (lan, lan-nohairpin: both behind one router) exactly the
+             other side's public mapping: the router's address and the port it maps
+             the other's WireGuard port to (through the router's hairpin)
     relayed  each side's endpoint is the relay (the server's address, --relay-port)
     failed   no handshake within the timeout, or no ping through the tunnel
     mixed    a tunnel, but anything else (e.g. one side direct, the other relayed)
@@ -17,10 +20,13 @@ both WireGuard interfaces have at the end (the demo's RESULT line):
 and timed (the demo's time from the second client's start to the first handshake). It
 writes a Markdown report (docs/CONNECTIVITY.md by default): a row per pair with the
 counts and median times, each run's endpoints, the date, the machine and the command.
+With --merge it replaces (or adds) only the rows of the pairs it ran in an existing
+report, keeps every other row as it was, and says which rows came from which run.
 Needs root, like the lab.
 
     sudo scripts/connectivity_grid.py                  # every pair, 3 runs each
     sudo scripts/connectivity_grid.py -n 1 --pair cone/cone --output /tmp/grid.md
+    sudo scripts/connectivity_grid.py -n 3 --pair lan/lan --merge   # one row, in place
 """
 
 from __future__ import annotations
@@ -40,15 +46,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 __all__ = [
-    "OUTCOMES", "GridRun", "Pair", "ResultLineError", "classify", "default_pairs",
-    "main", "parse_pair", "parse_run", "report", "split_endpoint",
+    "OUTCOMES", "GridRun", "MergeError", "Pair", "ResultLineError", "classify",
+    "default_pairs", "main", "merge", "merge_note", "parse_pair", "parse_run", "report",
+    "split_endpoint",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "netns_lab.sh"
 CLASSIC_MODES = ("cone", "fullcone", "symmetric")
 EXTRA_MODES = ("udpblock", "double")  # each paired with cone, symmetric and itself
-MODES = (*CLASSIC_MODES, *EXTRA_MODES, "fw6")
+SAME_LAN_MODES = ("lan", "lan-nohairpin")  # one LAN, one router: a layout, paired with itself
+MODES = (*CLASSIC_MODES, *EXTRA_MODES, "fw6", *SAME_LAN_MODES)
 OUTCOMES = ("direct", "relayed", "failed", "mixed")
 PROBE_PORT = 49919
 RELAY_PORT = 49920
@@ -57,6 +65,10 @@ SYM_PORTS = "40000-40255"
 
 class ResultLineError(ValueError):
     """The demo's output has no usable RESULT line."""
+
+
+class MergeError(ValueError):
+    """The report to merge into is not one this script wrote (a table is missing)."""
 
 
 @dataclass(frozen=True)
@@ -85,15 +97,20 @@ def parse_pair(text: str) -> Pair:
     if ("fw6" in parts) and parts != ["fw6", "fw6"]:
         # an IPv6-only host and an IPv4-only one have no address family in common
         raise ValueError(f"pair {text!r}: fw6 pairs only with fw6 (IPv6 only on that side)")
+    for mode in SAME_LAN_MODES:
+        if mode in parts and parts != [mode, mode]:
+            # both hosts behind the one router: the mode is the whole lab's layout
+            raise ValueError(f"pair {text!r}: {mode} pairs only with itself "
+                             "(both hosts on one LAN behind one router)")
     return Pair(*parts)
 
 
 def default_pairs() -> list[Pair]:
     """Every unordered pair of cone, fullcone and symmetric; udpblock and double each with
-    cone, symmetric and itself; then fw6/fw6."""
+    cone, symmetric and itself; then fw6/fw6, lan/lan and lan-nohairpin/lan-nohairpin."""
     pairs = [Pair(a, b) for a, b in itertools.combinations_with_replacement(CLASSIC_MODES, 2)]
     pairs += [Pair(other, mode) for mode in EXTRA_MODES for other in ("cone", "symmetric", mode)]
-    return [*pairs, Pair("fw6", "fw6")]
+    return [*pairs, Pair("fw6", "fw6"), *(Pair(mode, mode) for mode in SAME_LAN_MODES)]
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int] | None:
@@ -107,15 +124,21 @@ def split_endpoint(endpoint: str) -> tuple[str, int] | None:
 
 
 def classify(*, ok: bool, alice_endpoint: str, bob_endpoint: str, pub_a: Sequence[str],
-             pub_b: Sequence[str], server: Sequence[str], relay_port: int) -> str:
+             pub_b: Sequence[str], server: Sequence[str], relay_port: int,
+             mapped_a: str | None = None, mapped_b: str | None = None) -> str:
     """One run's outcome (see the module docstring) from the final endpoints: Alice's
-    endpoint (for Bob) against Bob's public addresses, and Bob's against Alice's."""
+    endpoint (for Bob) against Bob's public addresses, and Bob's against Alice's. On one
+    LAN both public addresses are the router's, so MAPPED_A / MAPPED_B (each host's
+    public address:port, from the router) are given and direct means exactly those."""
     if not ok:
         return "failed"
     a, b = split_endpoint(alice_endpoint), split_endpoint(bob_endpoint)
     if a is None or b is None:
         return "mixed"
-    if a[0] in pub_b and b[0] in pub_a:
+    if mapped_a is not None or mapped_b is not None:
+        if (a, b) == (split_endpoint(mapped_b or ""), split_endpoint(mapped_a or "")):
+            return "direct"
+    elif a[0] in pub_b and b[0] in pub_a:
         return "direct"
     relay = {(host, relay_port) for host in server}
     if a in relay and b in relay:
@@ -150,7 +173,8 @@ def parse_run(stdout: str, relay_port: int) -> GridRun:
     outcome = classify(ok=ok, alice_endpoint=kv["alice_endpoint"],
                        bob_endpoint=kv["bob_endpoint"], pub_a=_addresses(kv["pub_a"]),
                        pub_b=_addresses(kv["pub_b"]), server=_addresses(kv["server"]),
-                       relay_port=relay_port)
+                       relay_port=relay_port, mapped_a=kv.get("mapped_a"),
+                       mapped_b=kv.get("mapped_b"))
     return GridRun(pair=Pair(kv["nat_a"], kv["nat_b"]), outcome=outcome,
                    ttt_ms=ttt if ttt >= 0 else None, alice_endpoint=kv["alice_endpoint"],
                    bob_endpoint=kv["bob_endpoint"], wg=kv.get("wg", "?"))
@@ -185,10 +209,13 @@ def report(results: Mapping[Pair, Sequence[GridRun]], errors: Mapping[Pair, int]
         f"into the port block {SYM_PORTS}"),
         "",
         "Outcome of a run, from the endpoints both WireGuard interfaces have at the end:",
-        "**direct**: each side's endpoint is the other's public address; **relayed**: both",
-        "are the relay; **failed**: no handshake within the timeout (or no ping through the",
-        "tunnel); **mixed**: a tunnel, but neither of those. Time to tunnel: from the second",
-        "client's start to the first handshake (median over the runs with that outcome).",
+        "**direct**: each side's endpoint is the other's public address (lan, lan-nohairpin:",
+        "both hosts on one LAN behind one router; there exactly the other's public mapping,",
+        "the router's address and the port it maps the other's WireGuard port to, reached",
+        "through the router's hairpin); **relayed**: both are the relay; **failed**: no",
+        "handshake within the timeout (or no ping through the tunnel); **mixed**: a tunnel,",
+        "but neither of those. Time to tunnel: from the second client's start to the first",
+        "handshake (median over the runs with that outcome).",
         "",
         ("| NAT A | NAT B | runs | direct | relayed | failed | mixed | median s (direct) "
         "| median s (relayed) |"),
@@ -212,6 +239,83 @@ def report(results: Mapping[Pair, Sequence[GridRun]], errors: Mapping[Pair, int]
             out.append(f"| {pair.nat_a} | {pair.nat_b} | {r.outcome} | {_s(r.ttt_ms)} "
                        f"| `{r.alice_endpoint}` | `{r.bob_endpoint}` | {r.wg} |")
     return "\n".join(out) + "\n"
+
+
+_SUMMARY_HEAD = "| NAT A | NAT B | runs |"
+_RUNS_HEAD = "| NAT A | NAT B | outcome |"
+_DEFINITION = "Outcome of a run"
+_MERGED = "- rows "
+
+
+def _table(lines: Sequence[str], head: str) -> tuple[int, int]:
+    """(first row, one past the last row) of the table whose header line starts with HEAD."""
+    for i, line in enumerate(lines):
+        if line.startswith(head):
+            end = i + 2  # past the header and the |---| line
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            return i + 2, end
+    raise MergeError(f"no table with the header {head!r}: not a report of this script?")
+
+
+def _row_pair(row: str) -> Pair:
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    return Pair(cells[0], cells[1])
+
+
+def _paragraph(lines: Sequence[str], first: str) -> tuple[int, int]:
+    for i, line in enumerate(lines):
+        if line.startswith(first):
+            end = i
+            while end < len(lines) and lines[end].strip():
+                end += 1
+            return i, end
+    raise MergeError(f"no paragraph starting {first!r}: not a report of this script?")
+
+
+def _noted_pairs(bullet: str) -> set[Pair] | None:
+    """The pairs a merge note names ("- rows A/B, C/D: ..."); None for any other line."""
+    if not bullet.startswith(_MERGED):
+        return None
+    try:
+        return {parse_pair(p) for p in bullet[len(_MERGED):].split(":", 1)[0].split(", ")}
+    except ValueError:
+        return None
+
+
+def merge(old: str, new: str, note: str) -> str:
+    """OLD (a report) with the rows of NEW's pairs in both tables replaced by NEW's (or,
+    for pairs OLD lacks, added at the end), every other row kept as it was, NEW's
+    definition of the outcomes, and NOTE (a bullet saying where the new rows came from)
+    after OLD's header bullets, in place of an earlier note about the same pairs."""
+    lines, fresh = old.splitlines(), new.splitlines()
+    start, end = _table(fresh, _SUMMARY_HEAD)
+    pairs = {_row_pair(row) for row in fresh[start:end]}
+    for head in (_RUNS_HEAD, _SUMMARY_HEAD):  # the later table first: indices above hold
+        start, end = _table(fresh, head)
+        o_start, o_end = _table(lines, head)
+        kept = [row for row in lines[o_start:o_end] if _row_pair(row) not in pairs]
+        lines[o_start:o_end] = kept + fresh[start:end]
+    start, end = _paragraph(fresh, _DEFINITION)
+    o_start, o_end = _paragraph(lines, _DEFINITION)
+    lines[o_start:o_end] = fresh[start:end]
+    bullets = [i for i, line in enumerate(lines[:o_start]) if line.startswith("- ")]
+    if not bullets:
+        raise MergeError("no header bullets (date, command) to add the note to")
+    stale = {i for i in bullets if (noted := _noted_pairs(lines[i])) is not None and noted <= pairs}
+    lines.insert(bullets[-1] + 1, note)
+    lines = [line for i, line in enumerate(lines) if i not in stale]
+    return "\n".join(lines) + "\n"
+
+
+def merge_note(pairs: Sequence[Pair], errors: Mapping[Pair, int], *, when: str,
+               machine: str, command: str) -> str:
+    """The header bullet that says which rows a merge brought in, and from which run."""
+    crashed = ", ".join(f"{p} {k}" for p, k in errors.items() if k)
+    return (f"{_MERGED}{', '.join(map(str, pairs))}: measured {when} with `{command}`"
+            f" ({machine}) and merged in (--merge); every other row is from the run above"
+            + (f"; crashed before measuring (counted in runs, in no outcome): {crashed}"
+               if crashed else ""))
 
 
 def _machine() -> str:
@@ -268,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=REPO / "docs" / "CONNECTIVITY.md",
                    help="the Markdown report (default docs/CONNECTIVITY.md)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write every run as JSON")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other pairs' rows of an existing --output report and replace "
+                        "(or add) only the rows of the pairs run now, with a note on when and "
+                        "how they were measured")
     p.add_argument("--prefix", default=f"wgplg{os.getpid()}",
                    help="lab name prefix; run k is PREFIX-k (default wgplg<pid>)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each run's outcome")
@@ -300,8 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["scripts/connectivity_grid.py",
                           *(sys.argv[1:] if argv is None else argv)])
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    text = report(results, errors, when=when, machine=_machine(), command=command,
+    machine = _machine()
+    text = report(results, errors, when=when, machine=machine, command=command,
                   timeout=args.timeout, relay_after=args.relay_after)
+    if args.merge and args.output.exists():
+        note = merge_note(pairs, errors, when=when, machine=machine, command=command)
+        try:
+            text = merge(args.output.read_text(), text, note)
+        except MergeError as e:
+            print(f"connectivity_grid: --merge: {args.output}: {e}", file=sys.stderr)
+            return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     if args.json:

@@ -19,6 +19,7 @@ INET_A=203.0.113.1    PUB_A=203.0.113.2          # internet <-> NAT A (public si
 INET_B=192.0.2.1      PUB_B=192.0.2.2            # internet <-> NAT B (public side)
 LAN_A_GW=192.168.1.1  ALICE_LAN=192.168.1.2      # NAT A LAN <-> Alice
 LAN_B_GW=192.168.2.1  BOB_LAN=192.168.2.2        # NAT B LAN <-> Bob
+BOB_SAME_LAN=192.168.1.3                          # Bob's address on NAT A's LAN (lan modes)
 ALICE_TUN=10.99.0.1   BOB_TUN=10.99.0.2          # inside the WireGuard tunnel
 # IPv6 (with --ipv6 or a fw6 router): one /64 per link from 2001:db8::/32, no NAT66. The
 # inet router routes each LAN's /64 to its router's WAN address (a delegated prefix).
@@ -28,8 +29,9 @@ INET_B6=2001:db8:f0b::1    PUB_B6=2001:db8:f0b::2      # internet <-> router B (
 LAN_A_GW6=2001:db8:a::1    ALICE_ADDR6=2001:db8:a::2   # LAN A (2001:db8:a::/64)
 LAN_B_GW6=2001:db8:b::1    BOB_ADDR6=2001:db8:b::2     # LAN B (2001:db8:b::/64)
 LAN_A_NET6=2001:db8:a::/64 LAN_B_NET6=2001:db8:b::/64
-HOSTS="inet server nat-a nat-b alice bob"   # (+ cgn-a / cgn-b for a double NAT)
-NAT_MODES="cone fullcone symmetric fw6 udpblock double"
+HOSTS="inet server nat-a nat-b alice bob"   # (+ cgn-a / cgn-b for a double NAT; no nat-b on one LAN)
+NAT_MODES="cone fullcone symmetric fw6 udpblock double lan lan-nohairpin"
+SAME_LAN_MODES="lan lan-nohairpin"                # both hosts behind nat-a (one LAN)
 CGN_A_GW=100.64.1.1   CGN_A_LAN=100.64.1.2      # double NAT A: carrier NAT <-> home router WAN
 CGN_B_GW=100.64.2.1   CGN_B_LAN=100.64.2.2      # double NAT B (RFC 6598 shared address space)
 REBIND_BASE=40000                                 # `rebind` moves a host to BASE+n
@@ -44,6 +46,13 @@ The lab is six network namespaces joined by veth pairs (none touches the root na
     alice 192.168.1.2 -- [nat-a 192.168.1.1 | $PUB_A] --+
                                                              +-- inet -- server $SRV_ADDR
     bob   192.168.2.2 -- [nat-b 192.168.2.1 | $PUB_B] ----+
+
+With a same-LAN mode (lan, lan-nohairpin) both hosts sit on one LAN (a bridge on nat-a)
+behind one NAT, and there is no nat-b:
+
+    alice 192.168.1.2 --+
+                        +-- [nat-a 192.168.1.1 | $PUB_A] -- inet -- server $SRV_ADDR
+    bob   $BOB_SAME_LAN --+
 
 With IPv6 (--ipv6, or a fw6 router) every link also gets a /64 of the documentation
 range 2001:db8::/32, routed (no NAT66; the inet router routes each LAN's /64 to it):
@@ -88,13 +97,14 @@ Usage: netns_lab.sh COMMAND [ARGS]
   info  The lab's addresses, keys and settings as KEY=VALUE lines (with IPv6 also
         SRV_ADDR6, ALICE_ADDR6, BOB_ADDR6, PUB_A6, PUB_B6; with --v2 SERVER_PUBKEY).
   rebind a|b
+        (same-LAN labs: a only, which moves Alice's mapping on the one router)
         Make the NAT map its host's WireGuard port to a new public port (${REBIND_BASE}+n)
         and forget the old mapping (conntrack entries flushed), like a NAT reboot.
         IPv4 only: there is nothing to rebind behind a fw6 router.
   drop a|b request|reply N
         Drop the next N rendezvous requests (leaving the LAN for UDP port $RDV_PORT) or
         replies (arriving from UDP port $RDV_PORT) that cross that router (N per address
-        family when the lab has IPv6).
+        family when the lab has IPv6). Same-LAN labs: a only (both hosts' packets).
 
 NAT modes (nftables on each router; the default is cone):
   cone       masquerade. Keeps the source port and hence the same public port for
@@ -117,6 +127,18 @@ NAT modes (nftables on each router; the default is cone):
              $CGN_B_LAN, RFC 6598) on its WAN, behind a carrier NAT (host cgn-a / cgn-b,
              also cone) that holds the public address. Both keep the port when they
              can, so it maps like one cone NAT. IPv4 only.
+  lan        Alice and Bob on one LAN behind one router (nat-a; give it to --nat-a, or
+             to both): a cone NAT with endpoint-independent mapping (RFC 4787 REQ-1: a
+             LAN host:port keeps one public port for every destination, also when the
+             two hosts' WireGuard ports collide: Bob's then gets another public port),
+             and hairpinning (REQ-9): UDP from the LAN to $PUB_A and a mapped public
+             port is sent to the LAN host holding that mapping, its source rewritten to
+             the sender's public mapping, so the peer sees and answers the public
+             endpoints (counted, comment "hairpin"). IPv4 only.
+  lan-nohairpin
+             the same router without hairpinning, like many cheap routers: LAN packets
+             to its own public address are dropped (counted, comment "no hairpin"), so
+             the peers' public endpoints do not work from inside; only the relay does.
 Every router drops unsolicited packets addressed to itself, as home routers do.
 
 IPv6 (--ipv6, or any fw6 router): every router is also an IPv6 stateful firewall, the
@@ -156,6 +178,8 @@ Examples:
   sudo scripts/netns_lab.sh demo --nat-a symmetric        # watch it fail, and say why
   sudo scripts/netns_lab.sh demo --v2                     # authenticated, coordinated punch
   sudo scripts/netns_lab.sh demo --v2 --nat-a fw6 --nat-b fw6   # v2 over IPv6 firewalls
+  sudo scripts/netns_lab.sh demo --v2 --nat-a lan               # one LAN, through the hairpin
+  sudo scripts/netns_lab.sh demo --v2 --nat-a lan-nohairpin --punch-arg --relay-after --punch-arg 3
   sudo scripts/netns_lab.sh up --nat-a fullcone
   sudo scripts/netns_lab.sh exec alice wg show
   sudo scripts/netns_lab.sh down
@@ -322,6 +346,7 @@ carrier() {
 # nat_ruleset MODE LAN_HOST: the router's nftables table (one table, flushed on reload).
 nat_ruleset() {
   local mode=$1 masq='oifname "wan" masquerade'
+  if same_lan_mode "$mode"; then lan_ruleset "$mode"; return; fi
   [ "$mode" = symmetric ] && masq='oifname "wan" masquerade fully-random'
   # LAB_SYM_PORTS=LO-HI: the symmetric NAT allocates UDP ports from that block only, as
   # port-block-allocating CGNATs do (RFC 7422); still a random port per destination
@@ -377,6 +402,106 @@ EOF
 	}
 }
 EOF
+}
+
+same_lan_mode() { [[ " $SAME_LAN_MODES " == *" $1 "* ]]; }
+
+# lan_ruleset MODE: nat-a's table when Alice and Bob share its LAN (lan, lan-nohairpin).
+# A cone NAT whose mapping is endpoint-independent by construction (RFC 4787 REQ-1), not
+# just by masquerade keeping the port: both hosts' WireGuard listens on $WG_PORT, so the
+# second one to go out gets another public port from masquerade, and would get yet another
+# for each new destination (nf_nat picks a random free port on a clash). Two maps, learnt
+# from UDP flows through the WAN once conntrack has confirmed them (their replies, and
+# their packets out after the first): a flow's first packet can still lose a race for its
+# port (both hosts start at once, both get $WG_PORT, one is dropped at confirmation), and
+# a mapping learnt from it would pin that host to a port it does not hold.
+#   mapped:  LAN address . port -> public address . port  (new flows reuse the mapping)
+#   hairpin: public port -> LAN address . port            (lan: where a hairpin goes)
+# Hairpinning (lan, RFC 4787 REQ-9): UDP from the LAN to the router's public address and
+# a mapped port is DNATed to the LAN host holding the mapping and SNATed to the sender's
+# own public mapping, so the receiver sees (and answers) the sender's public endpoint and
+# the reply comes back through the router. A map entry lives 10 minutes after its last
+# packet.
+lan_ruleset() {
+  local mode=$1
+  cat <<EOF
+table ip wgpunch_lab {
+	map mapped { type ipv4_addr . inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 10m; }
+	map hairpin { type inet_service : ipv4_addr . inet_service; flags dynamic,timeout; timeout 10m; }
+	chain map_learn_in {
+		type filter hook prerouting priority filter;
+		iifname "wan" meta l4proto udp ct direction reply ct status snat update @mapped { ct original ip saddr . ct original proto-src : ct reply ip daddr . ct reply proto-dst }
+		iifname "wan" meta l4proto udp ct direction reply ct status snat update @hairpin { ct reply proto-dst : ct original ip saddr . ct original proto-src }
+	}
+	chain map_learn {
+		type filter hook postrouting priority srcnat + 10;
+		oifname "wan" meta l4proto udp ct status confirmed update @mapped { ct original ip saddr . ct original proto-src : ip saddr . udp sport }
+		oifname "wan" meta l4proto udp ct status confirmed update @hairpin { udp sport : ct original ip saddr . ct original proto-src }
+	}
+	# test drops (\`drop\` adds counted rules here); before the forward filter
+	chain drops { type filter hook forward priority filter - 10; }
+	chain nat_pre {
+		type nat hook prerouting priority dstnat;
+EOF
+  [ "$mode" != lan ] ||
+    echo "		iifname \"lan\" ip daddr $PUB_A meta l4proto udp dnat ip to udp dport map @hairpin"
+  cat <<EOF
+	}
+	chain nat_post {
+		type nat hook postrouting priority srcnat;
+		# \`rebind\` inserts host-specific snat rules above this line
+		oifname "wan" meta l4proto udp snat ip to ip saddr . udp sport map @mapped
+EOF
+  [ "$mode" != lan ] ||
+    echo '		oifname "lan" ct status dnat meta l4proto udp snat ip to ip saddr . udp sport map @mapped'
+  cat <<EOF
+		oifname "wan" masquerade
+	}
+	chain router_in {
+		type filter hook input priority filter; policy accept;
+		iifname "wan" ct state established,related accept
+		iifname "wan" drop
+EOF
+  if [ "$mode" = lan ]; then   # a hairpin to a port nobody holds ends here, no conntrack trace
+    echo "		iifname \"lan\" ip daddr $PUB_A meta l4proto udp counter drop comment \"hairpin: no mapping\""
+  else
+    echo "		iifname \"lan\" ip daddr $PUB_A counter drop comment \"no hairpin\""
+  fi
+  cat <<EOF
+	}
+	chain router_fwd {
+		type filter hook forward priority filter; policy drop;
+		iifname "lan" oifname "wan" accept
+		iifname "wan" oifname "lan" ct state established,related accept
+EOF
+  [ "$mode" != lan ] ||
+    echo '		iifname "lan" oifname "lan" ct status dnat counter accept comment "hairpin"'
+  cat <<EOF
+	}
+}
+EOF
+}
+
+# lan_bridge ROUTER_NS: the one LAN of a same-LAN lab, a bridge "lan" on the router with
+# Alice's and Bob's veths as ports. Hosts on it talk to each other at layer 2 (the
+# router's IPv4 rules see only what it routes: bridged frames skip them); the router
+# sends no ICMP redirects for what it hairpins back onto the LAN.
+lan_bridge() {
+  local r=$1 c h ns addr
+  for c in all default; do ip netns exec "$r" sysctl -qw "net.ipv4.conf.$c.send_redirects=0"; done
+  for c in iptables ip6tables arptables; do
+    ip netns exec "$r" sysctl -qw "net.bridge.bridge-nf-call-$c=0" 2>/dev/null || true
+  done
+  ip -n "$r" link add lan type bridge
+  ip -n "$r" addr add "$LAN_A_GW/24" dev lan
+  ip -n "$r" link set lan up
+  for h in alice bob; do
+    ns=$(ns_of "$h") addr=$ALICE_LAN
+    [ "$h" = alice ] || addr=$BOB_LAN
+    ip -n "$r" link add "lan-$h" type veth peer name eth0 netns "$ns"
+    ip -n "$r" link set "lan-$h" master lan up
+    ip -n "$ns" addr add "$addr/24" dev eth0; ip -n "$ns" link set eth0 up
+  done
 }
 
 # fw6_ruleset: every router's IPv6 table when the lab has IPv6 (whatever its IPv4 mode).
@@ -449,12 +574,12 @@ make_wg() {  # make_wg HOST ADDR PEER_HOST PEER_ADDR
 }
 
 cmd_up() {
-  local nat_a=cone nat_b=cone v2=0
+  local nat_a=cone nat_b=cone v2=0 given_a=0 given_b=0
   IPV6=0
   while [ $# -gt 0 ]; do
     case $1 in
-      --nat-a) nat_a=${2:-}; shift 2 ;;
-      --nat-b) nat_b=${2:-}; shift 2 ;;
+      --nat-a) nat_a=${2:-}; given_a=1; shift 2 ;;
+      --nat-b) nat_b=${2:-}; given_b=1; shift 2 ;;
       --ipv6) IPV6=1; shift ;;
       --v2) v2=1; shift ;;
       *) die "up: unknown argument '$1' (see --help)" ;;
@@ -467,6 +592,15 @@ cmd_up() {
   done
   if [ "$IPV6" = 1 ] && { [ "$nat_a" = double ] || [ "$nat_b" = double ]; }; then
     die "the double NAT is IPv4 only (no --ipv6, no fw6 on the other side)"
+  fi
+  # One LAN, one router: a same-LAN mode is the lab's layout, so it names both sides.
+  SAME_LAN=0
+  if same_lan_mode "$nat_a" || same_lan_mode "$nat_b"; then
+    if [ $given_b = 0 ]; then nat_b=$nat_a; elif [ $given_a = 0 ]; then nat_a=$nat_b; fi
+    [ "$nat_a" = "$nat_b" ] || die "a same-LAN mode puts both hosts behind nat-a: NAT A and" \
+      "NAT B must be the same ($nat_a, $nat_b)"
+    [ "$IPV6" = 0 ] || die "the same-LAN modes ($SAME_LAN_MODES) are IPv4 only (no --ipv6)"
+    SAME_LAN=1 BOB_LAN=$BOB_SAME_LAN
   fi
   [ "$(id -u)" = 0 ] || die "needs root"
   resolve_prefix new
@@ -490,8 +624,10 @@ cmd_up() {
   local inet srv na nb al bo
   inet=$(ns_of inet) srv=$(ns_of server) na=$(ns_of nat-a) nb=$(ns_of nat-b)
   al=$(ns_of alice) bo=$(ns_of bob)
-  for n in "$inet" "$srv" "$na" "$nb" "$al" "$bo"; do new_ns "$n"; done
-  for n in "$inet" "$na" "$nb"; do
+  local routers="$na $nb"
+  [ "$SAME_LAN" = 0 ] || routers=$na   # one LAN: no nat-b
+  for n in "$inet" "$srv" $routers "$al" "$bo"; do new_ns "$n"; done
+  for n in "$inet" $routers; do
     ip netns exec "$n" sysctl -qw net.ipv4.ip_forward=1
     [ "$IPV6" = 0 ] || ip netns exec "$n" sysctl -qw net.ipv6.conf.all.forwarding=1
   done
@@ -502,15 +638,20 @@ cmd_up() {
   if [ "$nat_a" = double ]; then wan_a=$(ns_of cgn-a); carrier "$wan_a" "$na" "$CGN_A_GW" "$CGN_A_LAN"; fi
   if [ "$nat_b" = double ]; then wan_b=$(ns_of cgn-b); carrier "$wan_b" "$nb" "$CGN_B_GW" "$CGN_B_LAN"; fi
   link "$inet" nata0 "$INET_A/24" "$wan_a" wan "$PUB_A/24"
-  link "$inet" natb0 "$INET_B/24" "$wan_b" wan "$PUB_B/24"
-  link "$na" lan "$LAN_A_GW/24" "$al" eth0 "$ALICE_LAN/24"
-  link "$nb" lan "$LAN_B_GW/24" "$bo" eth0 "$BOB_LAN/24"
   ip -n "$srv" route add default via "$INET_SRV"
   ip -n "$wan_a" route add default via "$INET_A"
-  ip -n "$wan_b" route add default via "$INET_B"
+  local bob_gw=$LAN_B_GW
+  if [ "$SAME_LAN" = 1 ]; then
+    lan_bridge "$na"; bob_gw=$LAN_A_GW
+  else
+    link "$inet" natb0 "$INET_B/24" "$wan_b" wan "$PUB_B/24"
+    link "$na" lan "$LAN_A_GW/24" "$al" eth0 "$ALICE_LAN/24"
+    link "$nb" lan "$LAN_B_GW/24" "$bo" eth0 "$BOB_LAN/24"
+    ip -n "$wan_b" route add default via "$INET_B"
+  fi
   # an IPv6-only (fw6) LAN host has no IPv4 route beyond its LAN, like a real one
   [ "$nat_a" = fw6 ] || ip -n "$al" route add default via "$LAN_A_GW"
-  [ "$nat_b" = fw6 ] || ip -n "$bo" route add default via "$LAN_B_GW"
+  [ "$nat_b" = fw6 ] || ip -n "$bo" route add default via "$bob_gw"
   if [ "$IPV6" = 1 ]; then
     addr6 "$inet" srv0 "$INET_SRV6"; addr6 "$srv" eth0 "$SRV_ADDR6"
     addr6 "$inet" nata0 "$INET_A6"; addr6 "$na" wan "$PUB_A6"
@@ -527,7 +668,7 @@ cmd_up() {
   fi
 
   nat_ruleset "$nat_a" | ip netns exec "$na" nft -f -
-  nat_ruleset "$nat_b" | ip netns exec "$nb" nft -f -
+  [ "$SAME_LAN" = 1 ] || nat_ruleset "$nat_b" | ip netns exec "$nb" nft -f -
   if [ "$IPV6" = 1 ]; then
     fw6_ruleset | ip netns exec "$na" nft -f -
     fw6_ruleset | ip netns exec "$nb" nft -f -
@@ -541,6 +682,7 @@ NAT_B=$nat_b
 WG_IMPL=$WG_IMPL
 IPV6=$IPV6
 V2=$v2
+SAME_LAN=$SAME_LAN
 EOF
   { echo "127.0.0.1 localhost"; echo "$SRV_ADDR $RDV_NAME"
     [ "$IPV6" = 0 ] || echo "$SRV_ADDR6 $RDV_NAME"; } >"$S/hosts"
@@ -564,9 +706,10 @@ rdv_tool() { env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m rend
 
 load_config() {
   [ -f "$S/config" ] || die "lab $P is not up (no $S/config)"
-  IPV6=0 V2=0   # labs made before these settings existed
+  IPV6=0 V2=0 SAME_LAN=0   # labs made before these settings existed
   # shellcheck disable=SC1091
   . "$S/config"
+  [ "$SAME_LAN" = 0 ] || BOB_LAN=$BOB_SAME_LAN PUB_B=$PUB_A   # Bob is behind nat-a too
 }
 
 # --- tearing down --------------------------------------------------------------------------------
@@ -646,6 +789,7 @@ BOB_TUN=$BOB_TUN
 ALICE_PUBKEY=$(cat "$S/alice.pub")
 BOB_PUBKEY=$(cat "$S/bob.pub")
 IPV6=$IPV6
+SAME_LAN=$SAME_LAN
 PROTOCOL=$(proto_name "$V2")
 ALICE_RDV=$(rdv_for alice)
 BOB_RDV=$(rdv_for bob)
@@ -682,12 +826,18 @@ cmd_status() {
   local fams=ipv4 f
   [ "$IPV6" = 0 ] || fams="ipv4 ipv6"
   for h in nat-a nat-b; do
+    ns_exists "$(ns_of "$h")" || continue   # no nat-b on one LAN
     for f in $fams; do
       echo "== $h: UDP conntrack ($f)"
       if command -v conntrack >/dev/null; then on "$h" conntrack -L -f "$f" -p udp 2>/dev/null || true
       else echo "(install conntrack to see them)"; fi
     done
     echo "== $h: drop rules"; on "$h" nft list chain ip wgpunch_lab drops | grep -w drop || true
+    if [ "$SAME_LAN" = 1 ]; then
+      echo "== $h: mappings and hairpin counters"
+      on "$h" nft list map ip wgpunch_lab mapped | grep -w elements || true
+      on "$h" nft list table ip wgpunch_lab | grep -E 'comment "(hairpin|no hairpin)' || true
+    fi
     if [ "$IPV6" = 1 ]; then
       on "$h" nft list chain ip6 wgpunch_lab6 drops | grep -w drop || true
       echo "== $h: IPv6 firewall, unsolicited inbound dropped"
@@ -696,7 +846,11 @@ cmd_status() {
   done
 }
 
-nat_host() { case $1 in a) echo nat-a ;; b) echo nat-b ;; *) die "NAT must be a or b, not '$1'" ;; esac; }
+nat_host() {
+  [ "$1" != b ] || [ "$SAME_LAN" = 0 ] ||
+    die "a same-LAN lab has one router, nat-a (both hosts are behind it): use a, not b"
+  case $1 in a) echo nat-a ;; b) echo nat-b ;; *) die "NAT must be a or b, not '$1'" ;; esac
+}
 
 cmd_rebind() {
   [ $# -eq 1 ] || die "usage: rebind a|b"
@@ -714,6 +868,9 @@ cmd_rebind() {
     udp sport "$WG_PORT" snat ip to "$pub:$port"
   on "$nat" conntrack -D -s "$lan" >/dev/null 2>&1 || true
   on "$nat" conntrack -D --reply-src "$lan" >/dev/null 2>&1 || true
+  if [ "$SAME_LAN" = 1 ]; then   # forget the learnt mapping too (hairpins use the new one)
+    on "$nat" nft delete element ip wgpunch_lab mapped "{ $lan . $WG_PORT }" 2>/dev/null || true
+  fi
   echo "$n" >"$S/rebind-$1"
   say "NAT $1 now maps $lan:$WG_PORT to $pub:$port"
   echo "$pub:$port"
@@ -793,6 +950,15 @@ log_ms() {
   echo $(( secs * 1000 + 10#${line:20:3} - $3 / 1000 ))
 }
 
+# mapping_of LAN_ADDR: the public address:port nat-a maps LAN_ADDR:$WG_PORT to (its
+# `mapped` map, same-LAN labs), or "none".
+mapping_of() {
+  local m
+  m=$(on nat-a nft list map ip wgpunch_lab mapped 2>/dev/null | tr -d '\n' | tr ',{}' '\n\n\n' |
+      awk -v k="$1" -v p="$WG_PORT" '$1 == k && $2 == "." && $3 == p { print $(NF-2) ":" $NF; exit }')
+  echo "${m:-none}"
+}
+
 handshake_time() {  # prints the newest handshake time on HOST's wg0 (0 = none)
   on "$1" wg show wg0 latest-handshakes 2>/dev/null | awk '{ if ($2 > m) m = $2 } END { print m + 0 }'
 }
@@ -866,6 +1032,10 @@ cmd_demo() {
     [ "$NAT_A" != symmetric ] && [ "$NAT_B" != symmetric ] ||
       echo "(expected: a symmetric NAT gives a new public port per destination, so the" \
            "address the server saw is not the one the peer must use)"
+    [ "$NAT_A" != lan-nohairpin ] ||
+      echo "(expected without a relay: the router drops LAN packets to its own public" \
+           "address, so neither peer's public endpoint works from the LAN; try --v2" \
+           "--server-arg --relay-port --server-arg 49920 --punch-arg --relay-after --punch-arg 3)"
     for f in punch-alice punch-bob server; do echo "-- $f log (tail)"; tail -n 8 "$S/logs/$f.log"; done
   else
     ttt=$(( (t1 - t0) / 1000 ))
@@ -894,9 +1064,13 @@ cmd_demo() {
   if [ "$IPV6" = 1 ]; then
     pub_a=${pub_a:+$pub_a,}$ALICE_ADDR6 pub_b=${pub_b:+$pub_b,}$BOB_ADDR6 srv=$srv,$SRV_ADDR6
   fi
+  # On one LAN both public addresses are the router's: "direct" is then exactly each
+  # side's endpoint being the other's public mapping (nat-a's learnt map, at the end).
+  local mapped=
+  [ "$SAME_LAN" = 0 ] || mapped=" mapped_a=$(mapping_of "$ALICE_LAN") mapped_b=$(mapping_of "$BOB_LAN")"
   echo "RESULT nat_a=$NAT_A nat_b=$NAT_B wg=$WG_IMPL ok=$ok ttt_ms=$ttt punch_alice=$ra punch_bob=$rb" \
        "proto=$(proto_name "$V2") ipv6=$IPV6 bob_ask_ms=$b_ask bob_set_ms=$b_set alice_set_ms=$a_set" \
-       "alice_endpoint=${a_ep:-none} bob_endpoint=${b_ep:-none} pub_a=$pub_a pub_b=$pub_b server=$srv"
+       "alice_endpoint=${a_ep:-none} bob_endpoint=${b_ep:-none} pub_a=$pub_a pub_b=$pub_b server=$srv$mapped"
   [ $ok = 1 ]
 }
 

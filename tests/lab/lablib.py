@@ -276,6 +276,19 @@ class Lab:
         (n,) = re.findall(r"counter packets (\d+) bytes \d+ drop comment \"unsolicited\"", out)
         return int(n)
 
+    def rule_packets(self, nat: str, comment: str) -> int:
+        """Packets counted so far by the one rule on NAT ('a' or 'b') with COMMENT."""
+        out = self.run(f"nat-{nat}", ["nft", "list", "table", "ip", "wgpunch_lab"]).stdout
+        (n,) = re.findall(rf'counter packets (\d+) bytes \d+ .*comment "{re.escape(comment)}"',
+                          out)
+        return int(n)
+
+    def mappings(self) -> dict[str, str]:
+        """A same-LAN router's learnt mappings: "LAN addr:port" -> "public addr:port"."""
+        out = self.run("nat-a", ["nft", "list", "map", "ip", "wgpunch_lab", "mapped"]).stdout
+        return {f"{a}:{p}": f"{pa}:{pp}" for a, p, pa, pp in re.findall(
+            r"(\d+\.\d+\.\d+\.\d+) \. (\d+) [^:,{}]*: (\d+\.\d+\.\d+\.\d+) \. (\d+)", out)}
+
     def conntrack(self, nat: str, family: str = "ipv4") -> str:
         return self.run(f"nat-{nat}", ["conntrack", "-L", "-f", family, "-p", "udp"]).stdout
 

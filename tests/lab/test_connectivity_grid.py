@@ -81,6 +81,32 @@ def test_fw6_direct_is_the_hosts_own_ipv6_address() -> None:
     assert grid.parse_run(out, RELAY).outcome == "relayed"
 
 
+SAME_LAN = {"a": "lan", "b": "lan", "pa": "203.0.113.2", "pb": "203.0.113.2"}
+
+
+def test_same_lan_direct_is_exactly_the_others_public_mapping() -> None:
+    mapped = " mapped_a=203.0.113.2:51820 mapped_b=203.0.113.2:23124"
+    line = _line(ae="203.0.113.2:23124", be="203.0.113.2:51820", **SAME_LAN).rstrip()
+    assert grid.parse_run(line + mapped, RELAY).outcome == "direct"
+    # the router's address, but not the other's mapping (e.g. one's own, or a stale port)
+    for ae, be in (("203.0.113.2:51820", "203.0.113.2:23124"),
+                   ("203.0.113.2:23124", "203.0.113.2:40000")):
+        line = _line(ae=ae, be=be, **SAME_LAN).rstrip()
+        assert grid.parse_run(line + mapped, RELAY).outcome == "mixed", (ae, be)
+    # a host's LAN address is no public mapping either
+    line = _line(ae="192.168.1.3:51820", be="192.168.1.2:51820", **SAME_LAN).rstrip()
+    assert grid.parse_run(line + mapped, RELAY).outcome == "mixed"
+    ep = f"198.51.100.2:{RELAY}"
+    line = _line("lan-nohairpin", "lan-nohairpin", ttt=5800, ae=ep, be=ep, pa="203.0.113.2",
+                 pb="203.0.113.2").rstrip()
+    run = grid.parse_run(line + mapped, RELAY)
+    assert (run.pair, run.outcome) == (grid.Pair("lan-nohairpin", "lan-nohairpin"), "relayed")
+    # the router knew no mapping for a host: nothing can be direct
+    line = _line(ae="203.0.113.2:23124", be="203.0.113.2:51820", **SAME_LAN).rstrip()
+    assert grid.parse_run(line + " mapped_a=none mapped_b=203.0.113.2:51820",
+                          RELAY).outcome == "mixed"
+
+
 def test_split_endpoint() -> None:
     assert grid.split_endpoint("192.0.2.2:51820") == ("192.0.2.2", 51820)
     assert grid.split_endpoint("[2001:db8::2]:9") == ("2001:db8::2", 9)
@@ -100,14 +126,16 @@ def test_parse_run_errors_say_what_is_missing() -> None:
 
 def test_parse_pair_and_default_pairs() -> None:
     assert grid.parse_pair("symmetric/cone") == grid.Pair("symmetric", "cone")
-    for bad in ("cone", "cone/nat", "fw6/cone", "a/b/c"):
+    assert grid.parse_pair("lan/lan") == grid.Pair("lan", "lan")
+    for bad in ("cone", "cone/nat", "fw6/cone", "a/b/c", "lan/cone", "lan/lan-nohairpin"):
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             grid.parse_pair(bad)
     pairs = [str(p) for p in grid.default_pairs()]
     assert pairs == ["cone/cone", "cone/fullcone", "cone/symmetric", "fullcone/fullcone",
                      "fullcone/symmetric", "symmetric/symmetric",
                      "cone/udpblock", "symmetric/udpblock", "udpblock/udpblock",
-                     "cone/double", "symmetric/double", "double/double", "fw6/fw6"]
+                     "cone/double", "symmetric/double", "double/double", "fw6/fw6",
+                     "lan/lan", "lan-nohairpin/lan-nohairpin"]
 
 
 def test_report_counts_outcomes_and_medians_per_pair() -> None:
@@ -128,6 +156,53 @@ def test_report_counts_outcomes_and_medians_per_pair() -> None:
     assert "`scripts/connectivity_grid.py -n 3`" in text
     assert "crashed before measuring" in text and "symmetric/symmetric 1" in text
     assert f"| symmetric | symmetric | relayed | 5.00 | `{ep}` | `{ep}` | userspace |" in text
+
+
+def _report(runs: dict, errors: dict | None = None, when: str = "2026-12-01 22:00 UTC",
+            command: str = "scripts/connectivity_grid.py -n 3") -> str:
+    return grid.report(runs, errors or {}, when=when, machine="box", command=command,
+                       timeout=20, relay_after=3)
+
+
+def test_merge_replaces_and_adds_only_the_rows_of_the_pairs_run_now() -> None:
+    cc, ss, ll = grid.Pair("cone", "cone"), grid.Pair("symmetric", "symmetric"), \
+        grid.Pair("lan", "lan")
+    ep = f"198.51.100.2:{RELAY}"
+    old = _report({
+        cc: [grid.GridRun(cc, "direct", 300, "a:1", "b:2", "userspace")],
+        ss: [grid.GridRun(ss, "relayed", 320, ep, ep, "userspace")],
+    })
+    new_ss = [grid.GridRun(ss, "failed", None, "(none)", "(none)", "userspace")]
+    new_ll = [grid.GridRun(ll, "direct", t, "203.0.113.2:9", "203.0.113.2:51820", "userspace")
+              for t in (600, 700)]
+    new = _report({ss: new_ss, ll: new_ll}, {ss: 1}, when="2026-12-02 00:30 UTC",
+                  command="scripts/connectivity_grid.py --pair symmetric/symmetric --merge")
+    note = grid.merge_note([ss, ll], {ss: 1}, when="2026-12-02 00:30 UTC", machine="box2",
+                           command="scripts/connectivity_grid.py --merge")
+    text = grid.merge(old, new, note)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "NAT A" not in line]
+    assert rows == [
+        "| cone | cone | 1 | 1 | 0 | 0 | 0 | 0.30 | - |",  # kept as it was
+        "| symmetric | symmetric | 2 | 0 | 0 | 1 | 0 | - | - |",  # replaced
+        "| lan | lan | 2 | 2 | 0 | 0 | 0 | 0.65 | - |",  # added
+        "| cone | cone | direct | 0.30 | `a:1` | `b:2` | userspace |",
+        "| symmetric | symmetric | failed | - | `(none)` | `(none)` | userspace |",
+        "| lan | lan | direct | 0.60 | `203.0.113.2:9` | `203.0.113.2:51820` | userspace |",
+        "| lan | lan | direct | 0.70 | `203.0.113.2:9` | `203.0.113.2:51820` | userspace |",
+    ]
+    # the old run's provenance stays, the note says where the merged rows came from
+    assert "- date: 2026-12-01 22:00 UTC" in text and "- date: 2026-12-02" not in text
+    assert ("- rows symmetric/symmetric, lan/lan: measured 2026-12-02 00:30 UTC with "
+            "`scripts/connectivity_grid.py --merge` (box2)") in text
+    assert "crashed before measuring (counted in runs, in no outcome): symmetric/symmetric 1" in text
+    assert text.index("- rows symmetric") > text.index("- each run:")
+    assert text.index("- rows symmetric") < text.index("Outcome of a run")
+    # merging the same pairs again replaces that note instead of piling up another
+    again = grid.merge(text, new, note.replace("00:30", "00:45"))
+    assert again.count("- rows symmetric/symmetric, lan/lan") == 1 and "00:45" in again
+    assert again.count("| lan | lan | 2 |") == 1
+    with pytest.raises(grid.MergeError, match="no table"):
+        grid.merge("# notes\n\nnothing here\n", new, note)
 
 
 def _plan(name: str) -> str:
@@ -169,3 +244,39 @@ def test_grid_classifies_real_runs_by_their_endpoints(tmp_path) -> None:
     text = md.read_text()
     assert "| cone | cone | 1 | 1 | 0 | 0 | 0 |" in text, text
     assert "| symmetric | symmetric | 1 | 0 | 1 | 0 | 0 |" in text, text
+
+
+@pytest.mark.lab
+def test_grid_merges_a_real_same_lan_run_into_a_report(tmp_path) -> None:
+    """One lan/lan run merged into a copy of the committed report: it is direct, each side
+    at the other's public mapping on the one router, and every other row is untouched."""
+    if not is_root():
+        pytest.skip("needs root")
+    prefix = RUN_PREFIX + "gridlan"
+    check = subprocess.run(["bash", str(SCRIPT), "check"], check=False, capture_output=True,
+                           text=True, env=script_env(prefix + "chk"), timeout=60)
+    if check.returncode:
+        pytest.skip(check.stderr.strip() or "lab tools missing")
+    committed = (REPO / "docs" / "CONNECTIVITY.md").read_text()
+    md, js = tmp_path / "grid.md", tmp_path / "grid.json"
+    md.write_text(committed)
+    r = subprocess.run([sys.executable, GRID, "-n", "1", "--pair", "lan/lan", "--merge",
+                        "--output", str(md), "--json", str(js), "--prefix", prefix],
+                       check=False, capture_output=True, text=True, env=script_env(prefix),
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not leftovers(prefix), leftovers(prefix)
+    (run,) = json.loads(js.read_text())
+    pub = _plan("PUB_A")
+    assert run["outcome"] == "direct", run
+    assert run["alice_endpoint"].startswith(pub + ":"), run
+    assert run["bob_endpoint"].startswith(pub + ":"), run
+    assert run["alice_endpoint"] != run["bob_endpoint"], run  # two mappings, one router
+    text = md.read_text()
+    assert "| lan | lan | 1 | 1 | 0 | 0 | 0 |" in text, text
+    assert "- rows lan/lan: measured " in text, text
+    old_rows = [line for line in committed.splitlines()
+                if line.startswith("| ") and not line.startswith("| lan |")]
+    new_rows = [line for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith("| lan |")]
+    assert new_rows == old_rows

@@ -365,7 +365,7 @@ def test_help_teaches() -> None:
     r = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=10)
     assert r.returncode == 0
     for word in ("demo", "up", "down", "exec", "status", "rebind", "drop", "fullcone", "symmetric",
-                 "fw6", "--ipv6", "--v2", "2001:db8", "LAB_PREFIX"):
+                 "fw6", "lan-nohairpin", "hairpin", "--ipv6", "--v2", "2001:db8", "LAB_PREFIX"):
         assert word in r.stdout
 
 
