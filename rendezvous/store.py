@@ -44,6 +44,8 @@ __all__ = [
     "StoreURL",
     "parse_store_url",
     "CLASSIC_SCRIPT",
+    "V2_SCRIPT",
+    "window_args",
     "ScriptMissing",
     "classic_payload",
     "classic_values",
@@ -133,6 +135,7 @@ class Keys:
         self.ask_p = p + b"a:"
         self.told_p = p + b"t:"
         self.relay_p = p + b"rl:"
+        self.window_p = p + b"w:"
         self.notify_p = p + b"n:"
 
     def classic(self, key: bytes) -> bytes:
@@ -143,6 +146,9 @@ class Keys:
 
     def ask(self, key: bytes, peer: bytes) -> bytes:
         return self.ask_p + key + peer
+
+    def window(self, key: bytes) -> bytes:
+        return self.window_p + key
 
     def told(self, key: bytes, peer: bytes) -> bytes:
         return self.told_p + key + peer
@@ -181,6 +187,7 @@ class ScriptMissing(StoreError):
 
 
 def script_load(script: bytes = CLASSIC_SCRIPT) -> list[bytes]:
+    """SCRIPT LOAD of SCRIPT (after a NOSCRIPT reply)."""
     return [b"SCRIPT", b"LOAD", script]
 
 
@@ -221,6 +228,65 @@ def classic_values(reply: object, n_lookups: int) -> list[bytes | None]:
         raise StoreError(f"the classic script returned {reply!r:.60} for {n_lookups} lookups")
     return [None if v == _ABSENT else v for v in
             (reply[i:i + 6] for i in range(0, len(reply), 6))]
+
+
+# A v2 request's admission across servers: the replay window of rendezvous/v2/replay.py
+# kept in the store (``w:<key>``), checked and updated atomically with the request's
+# registration and ask, which are written only if the timestamp is fresh. Without it a
+# request captured on the path could be replayed to *another* server of the set.
+# Timestamps are 64-bit nanoseconds, beyond a Lua number's 53-bit precision, so they
+# travel as 20-digit zero-padded strings, which compare like the numbers; the caller
+# passes TS - span and TS + span the same way (:func:`window_args`).
+# KEYS: window, registration, ask. ARGV: ts, ts - span, ts + span, keep ms, recent
+# max, registration value, ttl ms. Returns 1 (fresh: recorded and written) or 0.
+V2_SCRIPT = b"""
+local v = redis.call('GET', KEYS[1])
+local ts = ARGV[1]
+local newest, floor, recent = nil, nil, {}
+if v and #v >= 40 then
+  newest = string.sub(v, 1, 20)
+  floor = string.sub(v, 21, 40)
+  for i = 41, #v - 19, 20 do recent[#recent + 1] = string.sub(v, i, i + 19) end
+end
+if newest and ts <= newest then
+  if ts == newest or ts <= floor or ARGV[3] <= newest then return 0 end
+  for _, t in ipairs(recent) do if t == ts then return 0 end end
+  recent[#recent + 1] = ts
+else
+  if newest then
+    recent[#recent + 1] = newest
+  else
+    floor = string.rep('0', 20)
+  end
+  newest = ts
+  local kept = {}
+  for _, t in ipairs(recent) do if t > ARGV[2] then kept[#kept + 1] = t end end
+  recent = kept
+end
+table.sort(recent)
+local max = tonumber(ARGV[5])
+if #recent > max then
+  local drop = recent[#recent - max]
+  if drop > floor then floor = drop end
+  local kept = {}
+  for i = #recent - max + 1, #recent do kept[#kept + 1] = recent[i] end
+  recent = kept
+end
+redis.call('SET', KEYS[1], newest .. floor .. table.concat(recent), 'PX', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[7])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
+return 1
+"""
+V2_SHA = hashlib.sha1(V2_SCRIPT).hexdigest().encode()
+
+
+def _stamp(t: int) -> bytes:
+    return b"%020d" % min(max(t, 0), 10**20 - 1)
+
+
+def window_args(ts: int, span: int) -> tuple[bytes, bytes, bytes]:
+    """TS, TS - SPAN and TS + SPAN as the script's 20-digit strings."""
+    return _stamp(ts), _stamp(ts - span), _stamp(ts + span)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@ the shared store (``--store``) with the own registry as the fallback.
 
 :class:`LocalDirectory` answers from :class:`rendezvous.v2.state.V2Registry` (pure).
 :class:`SharedDirectory` answers from facts read from the store in the request's single
-round trip (:meth:`SharedDirectory.commands` builds it: this client's registration and
-ask are written first, then the facts about the peer and, when this client's endpoint
-changed, about the peers it asked for); what it learns to tell others (``told``) is
+round trip (:meth:`SharedDirectory.commands` builds it: the request's timestamp is admitted
+against the client's replay window kept in the store, and only then are the client's
+registration and ask written, atomically; then the facts about the peer and, when this
+client's endpoint changes, about the peers it asked for are read); what it learns to tell others (``told``) is
 written back without waiting (``writes``, which the service sends). A peer of which the store
 holds no registration is answered from the own registry, so that a server that has
 seen a peer itself still knows it when the store was emptied (e.g. Redis restarted
@@ -21,13 +22,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..store import (
+    V2_SHA,
     Keys,
     RelayClaim,
+    ScriptMissing,
     SharedRegistration,
     StoreError,
     decode_endpoints,
     encode_endpoints,
+    window_args,
 )
+from .replay import RECENT_MAX, REORDER_WINDOW_NS
 from .state import Endpoints, V2Registry, family
 
 __all__ = ["Destination", "LocalDirectory", "SharedDirectory"]
@@ -90,15 +95,17 @@ class SharedDirectory(LocalDirectory):
         self.facts: dict[bytes, _Facts] = {}
         self.writes: list[list[bytes | int]] = []
 
-    def commands(self, source: bytes, local: bytes | None, nat: int,
-                 peer: bytes) -> list[list[bytes | int]]:
-        """The round trip: write CLIENT's registration (at SOURCE, via LOCAL) and its ask
-        for PEER, then read what the store knows of ``self.peers``."""
+    def commands(self, source: bytes, local: bytes | None, nat: int, peer: bytes,
+                 timestamp: int, retention_ms: int) -> list[list[bytes | int]]:
+        """The round trip: admit TIMESTAMP against CLIENT's replay window in the store
+        and, if it is fresh, write CLIENT's registration (at SOURCE, via LOCAL) and its
+        ask for PEER (:data:`rendezvous.store.V2_SCRIPT`, atomically); then read what
+        the store knows of ``self.peers``."""
         k, c, px = self.keys, self.client, self.ttl_ms
         reg = SharedRegistration(source, local, nat, self.server_id).encode()
         cmds: list[list[bytes | int]] = [
-            [b"SET", k.reg(c, family(source)), reg, b"PX", px],
-            [b"SET", k.ask(c, peer), b"1", b"PX", px],
+            [b"EVALSHA", V2_SHA, 3, k.window(c), k.reg(c, family(source)), k.ask(c, peer),
+             *window_args(timestamp, REORDER_WINDOW_NS), retention_ms, RECENT_MAX, reg, px],
         ]
         for p in self.peers:
             cmds += [[b"EXISTS", k.ask(p, c)], [b"GET", k.reg(p, 6)], [b"GET", k.reg(p, 4)],
@@ -107,11 +114,16 @@ class SharedDirectory(LocalDirectory):
             cmds.append([b"GET", k.relay(c, self.relay_peer)])
         return cmds
 
-    def load(self, replies: Sequence[object]) -> None:
-        """Take the round trip's replies; StoreError if they make no sense."""
-        want = 2 + self._PER_PEER * len(self.peers) + (self.relay_peer is not None)
-        if len(replies) != want or replies[0] != "OK" or replies[1] != "OK":
-            raise StoreError(f"unexpected replies to a v2 round trip: {replies[:3]!r:.120}")
+    def load(self, replies: Sequence[object]) -> bool:
+        """Take the round trip's replies; whether the store found the timestamp fresh
+        (False: a replay, through this server or another). ScriptMissing (load it and
+        retry) or StoreError if they make no sense."""
+        want = 1 + self._PER_PEER * len(self.peers) + (self.relay_peer is not None)
+        if replies and isinstance(replies[0], Exception) and \
+                str(replies[0]).startswith("NOSCRIPT"):
+            raise ScriptMissing(str(replies[0]))
+        if len(replies) != want or replies[0] not in (0, 1):
+            raise StoreError(f"unexpected replies to a v2 round trip: {replies[:2]!r:.120}")
         if self.relay_peer is not None:
             claim = replies[-1]
             if claim is not None:
@@ -119,7 +131,7 @@ class SharedDirectory(LocalDirectory):
                     raise StoreError(f"GET returned {claim!r:.40}")
                 self.relay_claim = RelayClaim.decode(claim)
         for i, p in enumerate(self.peers):
-            asked, r6, r4, told = replies[2 + self._PER_PEER * i:2 + self._PER_PEER * (i + 1)]
+            asked, r6, r4, told = replies[1 + self._PER_PEER * i:1 + self._PER_PEER * (i + 1)]
             if not isinstance(asked, int):
                 raise StoreError(f"EXISTS returned {asked!r:.40}")
             regs = []
@@ -136,6 +148,7 @@ class SharedDirectory(LocalDirectory):
                 raise StoreError(f"GET returned {told!r:.40}")
             self.facts[p] = _Facts(bool(asked), tuple(regs),
                                    None if told is None else decode_endpoints(told))
+        return replies[0] == 1
 
     def _of(self, key: bytes) -> _Facts | None:
         f = self.facts.get(key)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..ratelimit import RateLimiter
 from ..relay import Relay, RelayConfig, RelayTable
-from ..store import SharedStore, StoreError
+from ..store import V2_SCRIPT, ScriptMissing, SharedStore, StoreError, script_load
 from .crypto import AuthError, ServerCrypto
 from .directory import LocalDirectory, SharedDirectory
 from .state import V2Registry
@@ -46,7 +46,7 @@ COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_
             "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
             "oversize", "relay_offered", "relay_off", "relay_no_consent", "relay_refused",
             "relay_no_address", "store_unavailable", "store_errors", "notify_remote",
-            "relay_remote")
+            "relay_remote", "stale_replay_shared")
 
 _MAX_OUTBOX = 4096
 
@@ -83,6 +83,9 @@ class V2Service:
         self.crypto = crypto
         self.store = store
         self._ttl_ms = max(1, int(config.ttl * 1000))
+        # how long the store keeps a client's replay window: as long as the registry
+        # keeps the client's record (its retention), so both forget it together
+        self._retention_ms = max(1, int(max(config.ttl, config.max_skew) * 1000))
         self._skew_ns = int(config.max_skew * 1e9)
         self.registry = V2Registry(config.ttl, config.max_peers,
                                    max_asks_per_client=config.max_asks_per_client,
@@ -126,10 +129,24 @@ class V2Service:
                                len(data))
 
         peer = body.peer
-        changed = reg.accept(client, source, ts, body.nat, peer, now, local)
-        candidates = reg.asked_peers(client, now) if changed else []
         relay_peer = peer if body.flags & FLAG_RELAY and peer != client else None
-        d = self._directory(client, source, local, body.nat, peer, candidates, now, relay_peer)
+        if self.store is None:
+            d: LocalDirectory = LocalDirectory(reg, now)
+        else:  # the store admits the timestamp too: a replay to another server is refused
+            will_change = reg.would_change(client, source, now)
+            candidates = reg.asked_peers(client, now) if will_change else []
+            shared = self._directory(client, source, local, body.nat, peer, candidates, now,
+                                     ts, relay_peer)
+            if shared is False:
+                c["stale_replay"] += 1
+                c["stale_replay_shared"] += 1
+                lowest = max((last or 0) + 1, wall_ns if skew else 0)
+                return self._reply(client, ReplyBody(body.request_id, Status.STALE, lowest,
+                                                     observed), len(data))
+            d = shared
+        changed = reg.accept(client, source, ts, body.nat, peer, now, local)
+        if self.store is None or not isinstance(d, SharedDirectory):
+            candidates = reg.asked_peers(client, now) if changed else []
         server_time = self._server_time(wall_ns)
         if d.asked(peer, client) and d.endpoints(peer):  # CLIENT may learn PEER
             eps = d.endpoints(peer)
@@ -156,29 +173,35 @@ class V2Service:
         return out
 
     def _directory(self, client: bytes, source: bytes, local: bytes | None, nat: int,
-                   peer: bytes, candidates: list[bytes], now: float,
-                   relay_peer: bytes | None = None) -> LocalDirectory:
-        """Where facts about other clients come from for this request: the own registry,
-        or (with a store) the store, read in one round trip that also writes CLIENT's
-        registration and ask; the own registry again if the store is unavailable."""
-        local_dir = LocalDirectory(self.registry, now)
+                   peer: bytes, candidates: list[bytes], now: float, timestamp: int,
+                   relay_peer: bytes | None) -> LocalDirectory | bool:
+        """With a store: one round trip that admits TIMESTAMP against CLIENT's replay
+        window there and, if fresh, writes CLIENT's registration and ask, then reads the
+        facts about PEER and CANDIDATES. False: the store saw this timestamp already (a
+        replay, possibly to another server). The own registry if the store is
+        unavailable or answers nonsense."""
         store = self.store
-        if store is None:
-            return local_dir
+        assert store is not None
+        local_dir = LocalDirectory(self.registry, now)
         peers = [peer] + candidates if peer != client else candidates
         d = SharedDirectory(self.registry, now, store.keys, store.server_id, self._ttl_ms,
                             client, peers, relay_peer)
-        replies = store.execute(d.commands(source, local, nat, peer))
-        if replies is None:
-            self.counters["store_unavailable"] += 1
-            return local_dir
-        try:
-            d.load(replies)
-        except StoreError as e:
-            self.counters["store_errors"] += 1
-            log.warning("store: %s", e)
-            return local_dir
-        return d
+        cmds = d.commands(source, local, nat, peer, timestamp, self._retention_ms)
+        for attempt in (0, 1):
+            replies = store.execute(cmds)
+            if replies is None:
+                self.counters["store_unavailable"] += 1
+                return local_dir
+            try:
+                return d if d.load(replies) else False
+            except ScriptMissing:
+                if attempt or store.execute([script_load(V2_SCRIPT)]) is None:
+                    break
+            except StoreError as e:
+                log.warning("store: %s", e)
+                break
+        self.counters["store_errors"] += 1
+        return local_dir
 
     def _offer_relay(self, client: bytes, peer: bytes, request_id: int, source: bytes,
                      local: bytes | None, now: float, server_time: int, limit: int,

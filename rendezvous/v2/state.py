@@ -197,6 +197,17 @@ class V2Registry:
         if ask is not None:
             ask.told = endpoints
 
+    def would_change(self, key: bytes, source: Source, now: float) -> bool:
+        """Whether accepting a request of KEY from SOURCE would change KEY's fresh
+        endpoints (what :meth:`accept` returns), without accepting it."""
+        before = self.endpoints(key, now)
+        rec = self._get(key, now)
+        other = None if rec is None else (rec.v6 if family(source) == 4 else rec.v4)
+        kept = other.source if other is not None and self._fresh(other, now) else None
+        after = tuple(e for e in ((source, kept) if family(source) == 6 else (kept, source))
+                      if e is not None)
+        return after != before
+
     def asked_peers(self, key: bytes, now: float, limit: int = 64) -> list[bytes]:
         """Up to LIMIT peers (other than KEY) that KEY asked for within the ttl, most
         recent first."""

@@ -208,3 +208,57 @@ def test_a_pair_gets_one_relay_even_through_two_servers(redis):
     offers = [body for _, body in out if isinstance(body, RelayBody)]
     assert len(offers) == 1 and offers[0].relay == Endpoint("198.51.100.201", 49919)
     assert s2.v2.counters["relay_remote"] == 1 and len(s2.v2.relay.table) == 0
+
+
+def test_the_store_window_decides_exactly_as_the_local_one(redis):
+    """The Lua replay window (strings of digits) against rendezvous/v2/replay.py (ints),
+    on random streams with reordering, duplicates and old replays."""
+    from rendezvous.store import V2_SCRIPT, Keys, script_load, window_args
+    from rendezvous.v2.replay import EMPTY, RECENT_MAX, REORDER_WINDOW_NS, accepts, record
+
+    store = RedisStore(parse_store_url(redis.url), "w")
+    assert store.connect()
+    assert store.execute([script_load(V2_SCRIPT)])[0]
+    from rendezvous.store import V2_SHA
+    k = Keys()
+    rnd = random.Random(11)
+    for stream in range(20):
+        key = bytes([stream]) * 32
+        window, t, seen = EMPTY, WALL + rnd.randrange(10**9), []
+        for _ in range(60):
+            r = rnd.random()
+            if r < 0.5:
+                t += rnd.randrange(1, 3 * 10**8)
+                ts = t
+            elif r < 0.75:
+                ts = t - rnd.randrange(0, 2 * REORDER_WINDOW_NS)  # reordered, or too old
+            else:
+                ts = rnd.choice(seen) if seen else t  # a replay
+            want = accepts(window, ts)
+            (got,) = store.execute([[b"EVALSHA", V2_SHA, 3, k.window(key), k.reg(key, 4),
+                                     k.ask(key, key), *window_args(ts, REORDER_WINDOW_NS),
+                                     60000, RECENT_MAX, b"reg", 60000]])
+            assert got == int(want), (stream, ts, window)
+            if want:
+                window = record(window, ts)
+                seen.append(ts)
+
+
+def test_a_request_replayed_to_another_server_is_refused(redis):
+    s1, s2 = V2(redis, "s1"), V2(redis, "s2")
+    pub = s1.crypto.server_public
+    a, b = Client(pub), Client(pub)
+    sa, attacker = v4(1, 1000), v4(66, 6666)
+    data = a.request(b.pub)
+    assert a.open(s1.svc.handle(data, sa, 0.0, wall_ns=WALL)).status is Status.PENDING
+    # captured on the path, sent to the other server of the set from the attacker's address
+    r = a.open(s2.svc.handle(data, attacker, 0.1, wall_ns=WALL + 10**8))
+    assert r.status is Status.STALE
+    assert s2.svc.v2.counters["stale_replay_shared"] == 1
+    assert a.pub not in s2.svc.v2.registry  # nothing of the replay was kept
+    # B, through s2, still learns A's real endpoint
+    r, notes = s2.ask(b, a, v4(2, 2000), 0.2)
+    assert r.status is Status.FOUND and r.endpoints == (Endpoint.from_source(sa),)
+    # and A's next request (a new timestamp) is welcome at either server
+    r, _ = s2.ask(a, b, sa, 0.3)
+    assert r.status is Status.FOUND

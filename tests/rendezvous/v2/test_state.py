@@ -187,3 +187,19 @@ def test_expire_has_a_budget_and_goes_oldest_first():
 def test_source_of_wrong_length_is_refused(bad):
     with pytest.raises(ValueError, match="6 or 18 bytes"):
         reg().accept(A, bad, 1, 0, B, 0.0)
+
+
+def test_would_change_predicts_what_accept_returns():
+    import random
+    rnd = random.Random(5)
+    r = V2Registry(ttl=10.0, max_peers=8)
+    keys = [bytes([i]) * 32 for i in range(5)]
+    sources = [bytes([198, 51, 100, i, 0, 1]) for i in range(3)] + \
+              [bytes(15) + bytes([i, 0, 1]) for i in range(3)]
+    now, ts = 0.0, 1
+    for _ in range(2000):
+        now += rnd.choice((0.0, 0.5, 3.0, 11.0))
+        ts += 1
+        key, src = rnd.choice(keys), rnd.choice(sources)
+        predicted = r.would_change(key, src, now)
+        assert r.accept(key, src, ts, 0, rnd.choice(keys), now) == predicted
