@@ -80,9 +80,15 @@ def test_daemon_metrics_and_status_while_running(state_dir):
         assert 0 <= got[("wgpunch_punch_server_last_reply_age_seconds", "")] < 10
         assert got[("wgpunch_punch_nat_verdict", f"{bob_short},verdict=unknown")] == 1
 
-        # status sees the running daemon's state file.
-        r = ns.run([sys.executable, "-m", "punch", "status", "--json", pair.ifs[0]])
-        doc = json.loads(r.stdout)
+        # status sees the running daemon's state file, which the daemon rewrites at most
+        # once a second (StateWriter.min_gap): it may lag the metrics by that much.
+        deadline = time.monotonic() + 10
+        while True:
+            r = ns.run([sys.executable, "-m", "punch", "status", "--json", pair.ifs[0]])
+            doc = json.loads(r.stdout)
+            if doc["peers"][0]["endpoint_source"] == "server" or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
         assert doc["state"]["mode"] == "daemon" and doc["state"]["running"] is True
         assert doc["peers"][0]["endpoint_source"] == "server"
         assert doc["peers"][0]["server_answer"]["endpoint"] == "127.0.0.1:51821"
