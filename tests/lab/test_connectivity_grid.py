@@ -212,15 +212,21 @@ def _plan(name: str) -> str:
     return m.group(1)
 
 
-@pytest.mark.lab
-def test_grid_classifies_real_runs_by_their_endpoints(tmp_path) -> None:
+def _lab_prefix(name: str) -> str:
+    """A lab prefix for a real grid run, or skip: not root, or the lab's tools missing."""
     if not is_root():
         pytest.skip("needs root")
-    prefix = RUN_PREFIX + "grid"
+    prefix = RUN_PREFIX + name
     check = subprocess.run(["bash", str(SCRIPT), "check"], check=False, capture_output=True,
                            text=True, env=script_env(prefix + "chk"), timeout=60)
     if check.returncode:
         pytest.skip(check.stderr.strip() or "lab tools missing")
+    return prefix
+
+
+@pytest.mark.lab
+def test_grid_classifies_real_runs_by_their_endpoints(tmp_path) -> None:
+    prefix = _lab_prefix("grid")
     md, js = tmp_path / "grid.md", tmp_path / "grid.json"
     r = subprocess.run([sys.executable, GRID, "-n", "1", "--pair", "cone/cone",
                         "--pair", "symmetric/symmetric", "--timeout", "20", "--output", str(md),
@@ -250,13 +256,7 @@ def test_grid_classifies_real_runs_by_their_endpoints(tmp_path) -> None:
 def test_grid_merges_a_real_same_lan_run_into_a_report(tmp_path) -> None:
     """One lan/lan run merged into a copy of the committed report: it is direct, each side
     at the other's public mapping on the one router, and every other row is untouched."""
-    if not is_root():
-        pytest.skip("needs root")
-    prefix = RUN_PREFIX + "gridlan"
-    check = subprocess.run(["bash", str(SCRIPT), "check"], check=False, capture_output=True,
-                           text=True, env=script_env(prefix + "chk"), timeout=60)
-    if check.returncode:
-        pytest.skip(check.stderr.strip() or "lab tools missing")
+    prefix = _lab_prefix("gridlan")
     committed = (REPO / "docs" / "CONNECTIVITY.md").read_text()
     md, js = tmp_path / "grid.md", tmp_path / "grid.json"
     md.write_text(committed)

@@ -132,13 +132,24 @@ def test_coordinated_punch_the_notify_sets_the_waiting_peer(make_lab) -> None:
     pair, and the server's notify, not Alice's next ask, points her at Bob."""
     lab = make_lab(v2=True)
     lab.start_server()
+    alice = notified_while_waiting(lab, lambda: lab.punch("bob", "--timeout", TIMEOUT, "--wait"))
+    assert alice.poll() is None, "the daemon exited"
+    alice.terminate()
+    assert alice.wait(10) == 0
+    lab.procs.remove(alice)
+
+
+def notified_while_waiting(lab: Lab, start_bob) -> subprocess.Popen[bytes]:
+    """Alice's daemon asks and is told "pending"; START_BOB() starts Bob's client, which
+    must succeed; then the server's notify, not Alice's next ask, points her at Bob, and
+    the tunnel works. Returns Alice's (running) daemon."""
     bob_key = lab.info["BOB_PUBKEY"][:8]
     # Alice re-asks after 0.25 s, doubling up to --poll: after her fifth "pending" her
     # next ask is 4 s away, while Bob's client needs well under a second.
     alice = lab.punch("alice", "--daemon", "--poll", "30", "--interval", "120")
     log = _LogReader(alice)
     log.wait_for(r"reply over IPv4: id \w+ pending", 20, count=5)
-    bob = lab.punch("bob", "--timeout", TIMEOUT, "--wait")
+    bob = start_bob()
     try:
         _, err_b = bob.communicate(timeout=float(TIMEOUT) + 15)
     except subprocess.TimeoutExpired:
@@ -151,10 +162,7 @@ def test_coordinated_punch_the_notify_sets_the_waiting_peer(make_lab) -> None:
     assert not re.search(r"reply over IPv\d: id \w+ found", before), log.text
     assert lab.endpoint("alice") == f"{lab.info['PUB_B']}:51820"
     _assert_tunnel(lab)
-    assert alice.poll() is None, "the daemon exited"
-    alice.terminate()
-    assert alice.wait(10) == 0
-    lab.procs.remove(alice)
+    return alice
 
 
 def test_v2_daemon_is_told_at_once_when_its_peer_rebinds(make_lab) -> None:
