@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import ge, itemgetter, lt
+from operator import ge, lt
 
 __all__ = ["Registry", "RegistryStats"]
 
@@ -62,19 +62,6 @@ class RegistryStats:
     evicted: int = 0
     expired: int = 0
     compactions: int = 0
-
-
-class _Table(dict[bytes, int]):
-    """The registry's dict; ``table[key]`` of an absent key is 0 instead of a KeyError, so
-    that ``operator.itemgetter(*keys)(table)`` can look up a whole batch. That loop is
-    tighter than ``map(table.get, keys, repeat(0))`` (no iterator, no argument parsing),
-    so more of the lookups' cache misses overlap: measured ~20% less per lookup at
-    60,000 keys. Absent keys are the slow path (a Python call each)."""
-
-    __slots__ = ()
-
-    def __missing__(self, key: bytes) -> int:
-        return 0
 
 
 _WORDS: dict[int, struct.Struct] = {}
@@ -97,7 +84,7 @@ class Registry:
         self.ttl = ttl
         self.max_peers = max_peers
         self.stats = RegistryStats()
-        self._d: dict[bytes, int] = _Table()
+        self._d: dict[bytes, int] = {}
         self._per_second = _TICKS_PER_TTL / ttl
         self._now_tick = 0  # the registry's clock: never goes backwards
         self._ops = 0
@@ -117,7 +104,7 @@ class Registry:
         if t > self._now_tick:
             if t - self._now_tick >= 3 * _TICKS_PER_TTL and self._d:
                 self.stats.expired += len(self._d)
-                self._d = _Table()
+                self._d = {}
                 self._size = sys.getsizeof(self._d)
                 self._front.clear()
                 self._front_values.clear()
@@ -190,7 +177,7 @@ class Registry:
     #
     def upsert_lookup_many(self, keys: Sequence[bytes], endpoints: bytes | bytearray,
                            lookups: Sequence[bytes],
-                           now: float) -> tuple[Sequence[int], int] | None:
+                           now: float) -> tuple[list[int], int] | None:
         """``upsert(keys[i], endpoints[6 * i:6 * i + 6], now)`` then ``lookup(lookups[i],
         now)`` for every i, in order, with a few C-level passes over all of them.
 
@@ -248,7 +235,7 @@ class Registry:
         if len(d) + len(latest) > self.max_peers and (
                 len(d) + len(latest) - sum(map(d.__contains__, latest)) > self.max_peers):
             return None  # a new key would need an eviction
-        found = itemgetter(*lookups)(d) if n > 1 else (d[lookups[0]],)
+        found = list(map(d.get, lookups, repeat(0)))
         absent = found.count(0)
         if absent and n - sum(map(d.__contains__, lookups)) != absent:
             return None
@@ -299,6 +286,6 @@ class Registry:
     def _resized(self) -> None:
         """CPython resized the table; rebuild it sized for the live entries. The copy
         holds the same value objects, so the snapshot of the oldest keys stays valid."""
-        self._d = _Table(self._d)
+        self._d = dict(self._d)
         self._size = sys.getsizeof(self._d)
         self.stats.compactions += 1
