@@ -21,9 +21,11 @@ Design, and why (the budget is 160 bytes per peer at 1,000,000 peers, measured a
   place* (``d[key] = value`` keeps the position). Every entry after it has the current
   tick too (ticks never go backwards), so the dict stays sorted by tick, which is all
   expiry needs; only the eviction order among entries of one tick changes (a key keeps
-  the place of its first refresh in the tick). Why: an active peer refreshes many times
-  per tick (a tick is ttl/1024, 0.18 s at the default ttl), and moving it every time
-  cost a delete, an insert and a dead slot each; in place it costs one store, and the
+  the place of its first refresh in the tick). Ticks are compared modulo 4096, so like
+  the ages this relies on no entry outliving 4 x ttl unswept. Why: an active peer
+  refreshes many times per tick (a tick is ttl/1024, 0.18 s at the default ttl), and
+  moving it every time cost a delete, an insert and a dead slot each (and, at 60,000
+  keys, a table rebuild every ~27,000 refreshes); in place it costs one store, and the
   batch path (:meth:`Registry.upsert_lookup_many`) can apply a whole batch with one
   ``dict.update`` and still leave exactly what the calls one by one leave.
 - Re-inserting leaves dead slots behind; when they fill the table CPython resizes to
