@@ -98,16 +98,15 @@ class ClassicBatch:
             return None
         mine_fmt, theirs_fmt, ips_fmt, words = _FORMATS.get(n) or _formats(n)
         mine = mine_fmt.unpack_from(requests)
-        registering = set(mine)
-        if ZERO_KEY in registering:
+        if ZERO_KEY in mine:  # a scan that mostly stops at the first byte: no hashing
             return None
         limiter, plan = svc.limiter, None
         if limiter.enabled:
             plan = limiter.plan_all(Counter(ips_fmt.unpack_from(sources)), now)
             if plan is None:
                 return None
-        got = svc.registry.upsert_lookup_many(mine, registering, sources,
-                                              theirs_fmt.unpack_from(requests), now)
+        got = svc.registry.upsert_lookup_many(mine, sources, theirs_fmt.unpack_from(requests),
+                                              now)
         if got is None:
             return None
         if plan is not None:

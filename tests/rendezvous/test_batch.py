@@ -144,7 +144,7 @@ def test_declines_without_changing_anything() -> None:
     assert s.snapshot()["requests"] == 0 and len(s.registry) == 0
 
 
-A, B, C, D = (bytes([x]) * 32 for x in b"ABCD")
+A, B, C, D, E = (bytes([x]) * 32 for x in b"ABCDE")
 SRC = bytes([198, 51, 100, 1, 0x9C, 0x40])
 
 
@@ -208,3 +208,22 @@ def test_declines_when_classic_is_off() -> None:
     assert declines(s, A + B + B + C, SRC * 2, 0.0)
     assert [s.handle(A + B, SRC, 0.0), s.handle(B + C, SRC, 0.0)] == [None, None]
     assert s.snapshot()["dropped_classic_off"] == 2 and len(s.registry) == 0
+
+
+def test_in_place_and_moving_refreshes_leave_the_same_order() -> None:
+    # ttl 1024: a tick is 1 s. A was refreshed in this tick (stays in place, even with a
+    # new endpoint), B in an earlier one (moves to the back), E is new (appended); the
+    # batch path must leave the registry exactly as the calls one by one do.
+    src2 = bytes([203, 0, 113, 9, 0, 7])
+    fast, slow = Service(Config(ttl=1024, rate=0)), Service(Config(ttl=1024, rate=0))
+    for s in (fast, slow):
+        s.handle(B + C, SRC, 0.5)
+        s.handle(C + D, SRC, 1.2)
+        s.handle(A + D, SRC, 1.3)
+    reqs = [B + C, A + C, E + D, A + D, B + D]
+    srcs = [SRC, src2, SRC, SRC, src2]
+    got, in_bulk = run(ClassicBatch(fast), reqs, srcs, 1.7)
+    assert in_bulk and got == one_by_one(slow, reqs, srcs, 1.7)
+    assert state(fast) == state(slow)
+    assert list(fast.registry._d) == [C, A, B, E]
+    assert fast.handle(D + A, SRC, 1.7) == SRC

@@ -96,13 +96,29 @@ def test_expiry_resolution_is_ttl_over_1024():
     assert r.lookup(key(1), 1024.0) is None
 
 
-def test_refresh_within_one_tick_still_moves_to_the_back():
+def test_refresh_within_one_tick_stays_in_place():
+    """A key refreshed again in the tick of its last refresh keeps its place (eviction
+    order is LRU at the resolution of one tick): key 1 is still the oldest, is evicted,
+    and its in-place refresh did not invalidate the snapshot of the oldest keys."""
     r = Registry(ttl=1000, max_peers=2)
     r.upsert(key(1), EP1, 5.0)
     r.upsert(key(2), EP1, 5.0)
     assert r.oldest() == key(1)  # a snapshot is taken now
-    r.upsert(key(1), EP1, 5.0)   # same tick, same value: still a refresh
+    r.upsert(key(1), EP2, 5.0)   # same tick (ttl/1024 = 0.98 s), another endpoint
+    assert r.lookup(key(1), 5.0) == EP2 and r.stats.refreshed == 1
+    assert r.oldest() == key(1)
     r.upsert(key(3), EP1, 5.0)
+    assert key(1) not in r and key(2) in r and r.stats.evicted == 1
+
+
+def test_refresh_in_a_later_tick_moves_to_the_back():
+    r = Registry(ttl=1000, max_peers=2)
+    r.upsert(key(1), EP1, 5.0)
+    r.upsert(key(2), EP1, 5.0)
+    assert r.oldest() == key(1)  # a snapshot is taken now
+    r.upsert(key(1), EP1, 6.0)   # the next tick: the snapshot entry is stale
+    assert r.oldest() == key(2)
+    r.upsert(key(3), EP1, 6.0)
     assert key(2) not in r and key(1) in r
 
 
@@ -133,9 +149,11 @@ def test_same_time_keeps_insertion_order():
     r = Registry(ttl=1000, max_peers=2)
     r.upsert(key(1), EP1, 1.0)
     r.upsert(key(2), EP1, 1.0)
-    r.upsert(key(1), EP1, 1.0)
     r.upsert(key(3), EP1, 1.0)
-    assert key(2) not in r and key(1) in r
+    assert key(1) not in r and key(2) in r
+    r.upsert(key(2), EP1, 1.0)  # same tick: stays in place
+    r.upsert(key(4), EP1, 1.0)
+    assert key(2) not in r and {key(3), key(4)} == set(r._d)
 
 
 def test_clock_going_backwards_does_not_break_order():
