@@ -15,7 +15,8 @@ What it does:
    (``python -m rendezvous --rate 0``), and ``C mmsg`` (the same C server with
    recvmmsg/sendmmsg batches: it only shows how much load the generator can offer);
 4. runs the load generator against each server in turn, ``--rounds`` times
-   alternating, and prints the median round of each (req/s, p50/p99 latency, lost,
+   alternating (the order rotates each round, so no server always runs right after
+   the same one), and prints the median round of each (req/s, p50/p99 latency, lost,
    wrong, CPU used by the server and by the load generator) and the ratio ours / C.
 
 The exit status is 1 if any reply was lost or wrong, or a run failed; speed never
@@ -367,7 +368,11 @@ def run_configs(args: argparse.Namespace) -> int:
             for s in servers:
                 s.start()
             for i in range(args.rounds):
-                for s in servers:
+                # Rotate the order every round: whichever server runs right after another
+                # inherits its warm (or thrashed) caches and the kernel's state, so a
+                # fixed order favours one position.
+                k = i % len(servers)
+                for s in servers[k:] + servers[:k]:
                     res = run_load(s, args, keys)
                     rounds[s.name].append(res)
                     print(f"  round {i + 1} {s.name:6} {keys:>7} keys: {res.reqps:>10,.0f} req/s"
