@@ -118,15 +118,8 @@ class V2Service:
         skew = self._skew_ns
         replayed = not reg.timestamp_fresh(client, ts, now)
         if replayed or (skew and abs(ts - wall_ns) > skew):
-            if replayed:
-                c["stale_replay"] += 1
-            else:
-                c["stale_skew"] += 1
-            lowest = (last or 0) + 1
-            if skew:
-                lowest = max(lowest, wall_ns)  # acceptable now, and still after a round trip
-            return self._reply(client, ReplyBody(body.request_id, Status.STALE, lowest, observed),
-                               len(data))
+            c["stale_replay" if replayed else "stale_skew"] += 1
+            return self._stale(client, body, observed, last, wall_ns, len(data))
 
         peer = body.peer
         relay_peer = peer if body.flags & FLAG_RELAY and peer != client else None
@@ -140,12 +133,10 @@ class V2Service:
             if shared is False:
                 c["stale_replay"] += 1
                 c["stale_replay_shared"] += 1
-                lowest = max((last or 0) + 1, wall_ns if skew else 0)
-                return self._reply(client, ReplyBody(body.request_id, Status.STALE, lowest,
-                                                     observed), len(data))
+                return self._stale(client, body, observed, last, wall_ns, len(data))
             d = shared
         changed = reg.accept(client, source, ts, body.nat, peer, now, local)
-        if self.store is None or not isinstance(d, SharedDirectory):
+        if not isinstance(d, SharedDirectory):  # no store, or it was unavailable
             candidates = reg.asked_peers(client, now) if changed else []
         server_time = self._server_time(wall_ns)
         if d.asked(peer, client) and d.endpoints(peer):  # CLIENT may learn PEER
@@ -165,12 +156,22 @@ class V2Service:
         if concerned:
             self._notify(client, concerned, now, server_time, len(data), d)
         out = self._reply(client, reply, len(data))
-        if body.flags & FLAG_RELAY and peer != client:
+        if relay_peer is not None:
             self._offer_relay(client, peer, body.request_id, source, local, now, server_time,
                               len(data), d)
         if isinstance(d, SharedDirectory) and d.writes and self.store is not None:
             self.store.send(d.writes)
         return out
+
+    def _stale(self, client: bytes, body: RequestBody, observed: Endpoint, last: int | None,
+               wall_ns: int, limit: int) -> bytes | None:
+        """The "stale" reply: the lowest timestamp the server would accept now, and still
+        after a round trip (docs/PROTOCOL.md, "Replay and clocks")."""
+        lowest = (last or 0) + 1
+        if self._skew_ns:
+            lowest = max(lowest, wall_ns)
+        return self._reply(client, ReplyBody(body.request_id, Status.STALE, lowest, observed),
+                           limit)
 
     def _directory(self, client: bytes, source: bytes, local: bytes | None, nat: int,
                    peer: bytes, candidates: list[bytes], now: float, timestamp: int,
