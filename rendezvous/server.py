@@ -141,23 +141,8 @@ class Server:
         the others share it. A failing ``::`` is skipped when IPv6 is optional and the
         host has none."""
         try:
-            for addr, port in self.options.listen:
-                if port == 0 and self.sockets:
-                    port = self.sockets[0].getsockname()[1]
-                try:
-                    self.sockets.append(open_socket(addr, port, self.options.reuse_port))
-                except ListenError as e:
-                    if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
-                        raise
-                    self.skipped.append(e.strerror)  # the caller logs it
-            for addr, port in self.options.probe:
-                if port == 0 and self.probe_sockets:
-                    port = self.probe_sockets[0].getsockname()[1]
-                try:
-                    self.probe_sockets.append(open_socket(addr, port, self.options.reuse_port))
-                except ListenError as e:
-                    if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
-                        raise
+            self.skipped += self._open_each(self.options.listen, self.sockets)  # logged by the caller
+            self._open_each(self.options.probe, self.probe_sockets)
             self._open_relay()
         except ListenError:
             self.close()
@@ -168,6 +153,22 @@ class Server:
             host = sock.getsockname()[0]
             bound = None if _is_wildcard(sock) else socket.inet_pton(sock.family, host)
             self._routes.append((6 if v6 else 4, bound, sock))
+
+    def _open_each(self, addrs: Sequence[tuple[str, int]],
+                   into: list[socket.socket]) -> list[str]:
+        """Open a socket for each (address, port) into INTO; port 0 takes the first
+        socket's port. Returns why each optional ``::`` was skipped."""
+        skipped = []
+        for addr, port in addrs:
+            if port == 0 and into:
+                port = into[0].getsockname()[1]
+            try:
+                into.append(open_socket(addr, port, self.options.reuse_port))
+            except ListenError as e:
+                if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
+                    raise
+                skipped.append(e.strerror)
+        return skipped
 
     def _open_relay(self) -> None:
         """The relay's sockets: each relay port on each listening address."""

@@ -176,16 +176,9 @@ class Service:
                 return None
             c.probes += 1
             return source
-        if not looks_like_v2(data):
-            c.dropped["length"] += 1
-            return None
-        if self.v2 is None:
-            c.dropped["v2_off"] += 1
-            return None
-        if not self.limiter.allow(source[:4] if len(source) == 6 else source[:8], now):
-            return None
+        wall_ns = self._v2_admitted(data, source, now, wall_ns)
         if wall_ns is None:
-            wall_ns = int(now * 1e9) + self.wall_offset_ns
+            return None
         reply = self.v2.probe(data, source, wall_ns)
         if reply is None:
             c.probe_refused += 1
@@ -195,19 +188,26 @@ class Service:
 
     def _other(self, data: bytes, source: bytes, now: float, local: bytes | None,
                wall_ns: int | None) -> bytes | None:
+        wall_ns = self._v2_admitted(data, source, now, wall_ns)
+        if wall_ns is None:
+            return None
+        return self.v2.handle(data, source, now, wall_ns, local)
+
+    def _v2_admitted(self, data: bytes, source: bytes, now: float,
+                     wall_ns: int | None) -> int | None:
+        """May a datagram that is not a classic request go on to v2? It must look like
+        v2, v2 must be on and SOURCE within its rate limit (IPv6: per /64); each refusal
+        is counted. Returns the wall-clock time to use (None: refused)."""
         c = self.counters
         if not looks_like_v2(data):
             c.dropped["length"] += 1
             return None
-        v2 = self.v2
-        if v2 is None:
+        if self.v2 is None:
             c.dropped["v2_off"] += 1
             return None
         if not self.limiter.allow(source[:4] if len(source) == 6 else source[:8], now):
             return None
-        if wall_ns is None:
-            wall_ns = int(now * 1e9) + self.wall_offset_ns
-        return v2.handle(data, source, now, wall_ns, local)
+        return int(now * 1e9) + self.wall_offset_ns if wall_ns is None else wall_ns
 
     def drain_notifications(self) -> list[Notification]:
         """v2 notifications queued since the last call, for the shell to send."""
