@@ -122,6 +122,7 @@ class Server:
     name: str
     argv: list[str]
     env: dict[str, str] | None = None
+    cwd: str | None = None  # `python -m` puts the working directory first on sys.path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
@@ -132,7 +133,7 @@ class Server:
         self.log = OUT / f"{self.name.replace(' ', '_')}.log"
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
-                                         env=self.env)
+                                         env=self.env, cwd=self.cwd)
         if not probe(self.port, timeout=15):
             self.stop()
             raise BenchError(f"{self.name} did not answer on {HOST}:{self.port}; "
@@ -288,6 +289,14 @@ def report(config_keys: int, rounds: dict[str, list[Result]]) -> tuple[list[str]
         if c_us > 0 and o_us > 0:
             lines.append(f"CPU per request: C ref {c_us:.2f} us, ours {o_us:.2f} us "
                          f"(C ref / ours = {c_us / o_us:.2f}x; less sensitive to other load)")
+    if "baseline" in med and "ours" in med and med["baseline"].reqps > 0:
+        paired = [o.reqps / b.reqps for o, b in zip(rounds["ours"], rounds["baseline"])
+                  if b.reqps > 0 and not (o.error or b.error)]
+        b_us, o_us = cpu_per_request(med["baseline"]), cpu_per_request(med["ours"])
+        lines.append(f"ours / baseline at {config_keys} keys: "
+                     f"{med['ours'].reqps / med['baseline'].reqps:.2f}x (per-round ratios: "
+                     f"{', '.join(f'{x:.2f}' for x in paired)}); CPU per request: baseline "
+                     f"{b_us:.2f} us, ours {o_us:.2f} us")
     if "C mmsg" in med and "C ref" in med and med["C ref"].reqps > 0:
         lines.append(f"load generator headroom: it drove the batched C server at "
                      f"{med['C mmsg'].reqps:,.0f} req/s = "
@@ -360,6 +369,11 @@ def run_configs(args: argparse.Namespace) -> int:
                                            "--max-peers", str(max_peers),
                                            "--stats-interval", "0", *args.ours_arg],
                                   env=env))
+        if have_ours and args.baseline:
+            base = str(Path(args.baseline).resolve())
+            base_env = dict(env, PYTHONPATH=os.pathsep.join(
+                filter(None, [base, os.environ.get("PYTHONPATH")])))
+            servers.append(Server("baseline", [*servers[1].argv], env=base_env, cwd=base))
         if not args.no_headroom:
             servers.append(Server("C mmsg", [str(OUT / "ref_server"), HOST, "{port}",
                                              "--mmsg", "64"]))
@@ -440,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the batched C server (the load generator's headroom)")
     p.add_argument("--ours-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for our server, e.g. --ours-arg=--io=plain")
+    p.add_argument("--baseline", metavar="DIR",
+                   help="also run `python -m rendezvous` from the source tree DIR (e.g. a "
+                        "git worktree of the previous commit) and compare ours against it")
     p.add_argument("--smoke", action="store_true",
                    help="quick check: --self-check, then 2 s runs, 1 round, 60000 keys only")
     p.add_argument("--self-check", action="store_true",
