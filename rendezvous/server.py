@@ -40,6 +40,8 @@ _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: & on the IntFlag costs micros
 
 _IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_PROBE = getattr(socket, "IP_PMTUDISC_PROBE", 3)
 _NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 
 
@@ -70,11 +72,17 @@ def format_address(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if is_ipv6(addr) else f"{addr}:{port}"
 
 
-def open_socket(addr: str, port: int, reuse_port: bool = False) -> socket.socket:
+def open_socket(addr: str, port: int, reuse_port: bool = False,
+                small_replies: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ADDR:PORT (IPv4 or IPv6), asking for the
     destination address of each datagram on a wildcard bind. REUSE_PORT: several
     processes bind the same ADDR:PORT and the kernel spreads the sources over them
-    (each source always to the same socket)."""
+    (each source always to the same socket). SMALL_REPLIES (IPv4): every datagram sent
+    from it is small (a reply is never longer than its request; a notification is a
+    few hundred bytes), so each goes out with DF set and IP ID 0, as RFC 6864 (4.1)
+    allows for a datagram that is never fragmented. That spares the kernel its shared
+    IP ID generator per datagram (IP_PMTUDISC_PROBE: DF, no path MTU state). The
+    relay's sockets, which forward full-size packets, keep the default."""
     v6 = is_ipv6(addr)
     where = format_address(addr, port)
     try:
@@ -91,6 +99,8 @@ def open_socket(addr: str, port: int, reuse_port: bool = False) -> socket.socket
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if small_replies and not v6:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_PROBE)
         sock.bind((addr, port))
         if addr == "0.0.0.0":
             sock.setsockopt(socket.IPPROTO_IP, mmsg.IP_PKTINFO, 1)
@@ -163,7 +173,8 @@ class Server:
             if port == 0 and into:
                 port = into[0].getsockname()[1]
             try:
-                into.append(open_socket(addr, port, self.options.reuse_port))
+                into.append(open_socket(addr, port, self.options.reuse_port,
+                                        small_replies=True))
             except ListenError as e:
                 if not (self.options.ipv6_optional and addr == "::" and e.errno in _NO_IPV6):
                     raise

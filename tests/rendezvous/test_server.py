@@ -13,15 +13,20 @@ import time
 
 import pytest
 
-from tests.nstools import py_env
+from rendezvous.server import Server, ServerOptions
+from rendezvous.service import Config, Service
+from tests.nstools import Netns, is_root, py_env
 
 A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
+IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3  # Linux; socket has them from Python 3.12
 
 
 class RunningServer:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, netns: Netns | None = None) -> None:
+        argv = [sys.executable, "-m", "rendezvous", "--port", "0", "--stats-interval", "0",
+                *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rendezvous", "--port", "0", "--stats-interval", "0", *args],
+            netns.argv(argv) if netns else argv,
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=py_env(), text=True)
         self.lines: list[str] = []
         assert self.proc.stderr is not None
@@ -149,6 +154,56 @@ def test_reply_leaves_from_the_address_the_request_was_sent_to(io):
             c.close()
     finally:
         assert s.finish()[0] == 0
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root: a network namespace and a raw socket")
+@pytest.mark.parametrize("io", ["mmsg", "plain"])
+def test_replies_are_sent_with_df_and_ip_id_zero(io):
+    """The replies go out as atomic datagrams (DF set, IP ID 0; RFC 6864), which spares
+    the kernel its shared IP ID generator for each one. Seen on the wire: a raw socket
+    in a throwaway namespace gets a copy of every UDP datagram its loopback carries."""
+    with Netns("df") as ns:
+        with ns.entered():
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+            raw.settimeout(2)
+            c = client()
+        s = RunningServer("--listen", "127.0.0.1", "--rate", "0", "--io", io, netns=ns)
+        try:
+            port = s.addr[1]
+            assert ask(c, s.addr, A, A) == packed(c)  # found: 6 bytes
+            assert ask(c, s.addr, A, B) == b""  # not found: empty
+            seen = []
+            while len(seen) < 2:
+                pkt = raw.recv(2048)
+                ihl = (pkt[0] & 15) * 4
+                if int.from_bytes(pkt[ihl:ihl + 2], "big") == port:  # from the server
+                    seen.append(pkt)
+            for pkt in seen:
+                assert int.from_bytes(pkt[6:8], "big") == 0x4000  # DF, no fragment offset
+                assert pkt[4:6] == b"\0\0"  # IP ID
+        finally:
+            raw.close()
+            c.close()
+            assert s.finish()[0] == 0
+
+
+def test_only_the_service_sockets_send_atomic_datagrams():
+    """The service's and the probe's sockets set IP_PMTUDISC_PROBE (DF, ID 0); the
+    relay's, which forward full-size WireGuard packets, keep the kernel's default."""
+    opts = ServerOptions(listen=[("127.0.0.1", 0)], probe=[("127.0.0.1", 0)],
+                         relay_ports=[0])
+    server = Server(Service(Config()), opts)
+    server.open()
+    try:
+        def mode(sock: socket.socket) -> int:
+            return sock.getsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER)
+        assert [mode(s) for s in server.sockets + server.probe_sockets] == [
+            IP_PMTUDISC_PROBE] * 2
+        default = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        assert [mode(s) for _, s in server.relay_sockets] == [mode(default)]
+        default.close()
+    finally:
+        server.close()
 
 
 def _probe_ports(s: RunningServer) -> list[tuple[str, int]]:
