@@ -17,7 +17,9 @@ at offsets cffi computed once, and only the headers the last call used are reset
 from __future__ import annotations
 
 import errno
+import select
 import socket
+import time
 from array import array
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -36,6 +38,12 @@ struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
 int recvmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags, void *timeout);
 int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags);
 """
+
+# How long one batch's replies may wait for room in a full send buffer before the rest
+# of them are dropped (and counted). Replies queued behind a slow link stay charged to
+# the socket until they leave; waiting briefly lets a burst through, waiting longer would
+# only stall the requests behind it.
+SEND_WAIT = 0.05
 
 MSG_DONTWAIT = 0x40
 MSG_TRUNC = 0x20  # as a recv flag: msg_len is the datagram's real length, not what fit
@@ -87,6 +95,13 @@ BulkHandler = Callable[[memoryview, bytearray, float], "PackedReplies | None"]
 
 HEAD = 64  # the first HEAD bytes of every datagram land back to back in Batch.head
 MIN_PIECE = 8  # shorter runs of 64-byte datagrams are not worth a bulk call
+
+
+def wait_writable(fd: int, timeout: float) -> bool:
+    """Wait at most TIMEOUT seconds for room in FD's send buffer; True once there is."""
+    p = select.poll()
+    p.register(fd, select.POLLOUT)
+    return bool(p.poll(max(0.0, timeout) * 1000))
 
 
 def _unpack_replies(res: PackedReplies) -> list[bytes]:
@@ -331,17 +346,28 @@ class Batch:
         s8[base + self._s_controllen8] = CMSG_SPACE
 
     def _send(self, fd: int, total: int, vec: Any) -> tuple[int, int]:
-        """Send the first TOTAL prepared messages of VEC; (sent, failed). Never raises for
-        a full buffer or an unreachable destination: the datagram is skipped and counted."""
+        """Send the first TOTAL prepared messages of VEC; (sent, failed). Never raises: a
+        datagram the kernel refuses (an unreachable destination, ...) is skipped and
+        counted; a full send buffer is waited for, at most SEND_WAIT seconds in all, and
+        what still does not fit is counted too."""
         done = sent = failed = 0
+        deadline = 0.0
         while done < total:
             k = _libc.sendmmsg(fd, vec + done, total - done, MSG_DONTWAIT)
             if k > 0:
                 sent += k
                 done += k
                 continue
-            if _ffi.errno == errno.EINTR:
+            err = _ffi.errno
+            if err == errno.EINTR:
                 continue
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                now = time.monotonic()
+                deadline = deadline or now + SEND_WAIT
+                if now < deadline and wait_writable(fd, deadline - now):
+                    continue
+                failed += total - done
+                break
             failed += 1
             done += 1
         return sent, failed

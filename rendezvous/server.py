@@ -35,6 +35,9 @@ __all__ = ["ListenError", "Server", "ServerOptions", "format_address", "open_soc
 log = logging.getLogger(__name__)
 
 _SO_RCVBUF = 4 << 20
+# Replies waiting in a slow link's queue stay charged to the socket: the default send
+# buffer (208 KiB) holds only ~200 small ones, so a burst of requests lost the rest.
+_SO_SNDBUF = 4 << 20
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: & on the IntFlag costs microseconds
 
 
@@ -91,10 +94,11 @@ def open_socket(addr: str, port: int, reuse_port: bool = False,
         why = "IPv6 is not available on this host" if v6 and e.errno in _NO_IPV6 else e.strerror
         raise ListenError(e.errno, f"cannot listen on {where}: {why}") from None
     try:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SO_RCVBUF)
-        except OSError:
-            pass
+        for opt, size in ((socket.SO_RCVBUF, _SO_RCVBUF), (socket.SO_SNDBUF, _SO_SNDBUF)):
+            try:  # the kernel caps both at net.core.[rw]mem_max
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
         if v6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if reuse_port:
@@ -389,6 +393,7 @@ class Server:
                                else (socket.IPPROTO_IP, mmsg.IP_PKTINFO))
 
         def read() -> None:
+            deadline = 0.0  # a full send buffer is waited for at most mmsg.SEND_WAIT a call
             for _ in range(1024):
                 try:
                     data, anc, flags, addr = sock.recvmsg(2048, ancsize)
@@ -418,12 +423,19 @@ class Server:
                 reply = handle(data, src, clock(), local)
                 if verbose:
                     self._log_request(data, src, reply)
-                if reply is not None:
+                while reply is not None:
                     try:
                         sock.sendmsg([reply], cmsg, 0, addr)
+                    except BlockingIOError:
+                        now = time.monotonic()
+                        deadline = deadline or now + mmsg.SEND_WAIT
+                        if now < deadline and mmsg.wait_writable(sock.fileno(), deadline - now):
+                            continue
+                        self.send_failed += 1
                     except OSError as e:
                         self.send_failed += 1
                         log.debug("sendmsg to %s: %s", addr, e)
+                    break
                 if v2 is not None and v2.outbox:  # right after the reply: punch together
                     self.send_notifications()
 

@@ -144,3 +144,16 @@ def veth(a: Netns, a_if: str, a_addr: str, b: Netns, b_if: str, b_addr: str) -> 
     for ns, ifn, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
         ns.run(["ip", "addr", "add", addr, "dev", ifn])
         ns.run(["ip", "link", "set", ifn, "up"])
+
+
+@contextlib.contextmanager
+def shaped_pair(label: str, rate: str) -> Iterator[tuple[Netns, Netns]]:
+    """Two throwaway namespaces, A (10.78.0.1, veth ``ws``) and B (10.78.0.2, ``wc``),
+    whose A-to-B direction is shaped to RATE by a token bucket with a long queue: what A
+    sends faster waits in that queue (still charged to the sending socket), nothing is
+    dropped. B-to-A is not shaped."""
+    with Netns(f"{label}-a") as a, Netns(f"{label}-b") as b:
+        veth(a, "ws", "10.78.0.1/24", b, "wc", "10.78.0.2/24")
+        a.run(["tc", "qdisc", "add", "dev", "ws", "root", "tbf", "rate", rate,
+               "burst", "1600", "limit", "16mb"])
+        yield a, b

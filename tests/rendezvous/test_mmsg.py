@@ -3,8 +3,11 @@ datagrams of every length, answer exactly what Service.handle answers one by one
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -13,6 +16,7 @@ from rendezvous.batch import ClassicBatch
 from rendezvous.classic import ZERO_KEY
 from rendezvous.server import open_socket
 from rendezvous.service import Config, Service
+from tests.nstools import have, is_root, shaped_pair
 
 pytestmark = pytest.mark.skipif(not mmsg.MMSG_AVAILABLE, reason="no recvmmsg/sendmmsg")
 
@@ -198,3 +202,61 @@ def test_one_odd_datagram_does_not_cost_the_batch_its_bulk_path() -> None:
     finally:
         server.close()
         c.close()
+
+
+@contextlib.contextmanager
+def shaped_link(rate: str) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A server socket with the kernel's smallest send buffer (~8 small datagrams) whose
+    replies to the client socket go through a link shaped to RATE, so they wait in its
+    queue, charged to that buffer, and fill it (see tests.nstools.shaped_pair)."""
+    with shaped_pair("mm", rate) as (srv, cli):
+        with srv.entered():
+            server = open_socket("10.78.0.1", 0)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
+        with cli.entered():
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.bind(("10.78.0.2", 0))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        try:
+            yield server, client
+        finally:
+            server.close()
+            client.close()
+
+
+needs_tc = pytest.mark.skipif(not (is_root() and have("tc")), reason="needs root and tc")
+
+
+def burst(server: socket.socket, client: socket.socket, n: int) -> tuple[int, int, int]:
+    """N self-lookups answered in one batch; its (received, sent, failed)."""
+    for _ in range(n):
+        client.sendto(random.randbytes(32) * 2, server.getsockname())
+    time.sleep(0.2)  # one unshaped veth hop: all N are queued at the server by then
+    service = Service(Config(rate=0))
+    batch = mmsg.Batch(128, BUFSIZE)
+    return batch.exchange(server.fileno(), service.handle, 1.0, ClassicBatch(service).handle)
+
+
+@needs_tc
+def test_a_full_send_buffer_is_waited_for() -> None:
+    """100 replies into a buffer that holds ~8, behind a 2 Mbit/s link (~4,000 small
+    datagrams a second): the batch waits for room a few times (well within SEND_WAIT in
+    all) and every reply is sent and arrives; before, ~90 of them were dropped."""
+    with shaped_link("2mbit") as (server, client):
+        got = burst(server, client, 100)
+        assert got == (100, 100, 0)
+        client.settimeout(5)
+        assert [len(client.recv(64)) for _ in range(100)] == [6] * 100  # self-lookups
+
+
+@needs_tc
+def test_a_send_buffer_that_stays_full_costs_a_batch_at_most_send_wait() -> None:
+    """Behind a link that hardly drains (8 kbit/s: a small datagram every ~50 ms), the
+    batch gives up after SEND_WAIT and counts what it could not send: it never stalls
+    the requests behind it for longer (the bound checked here is generous)."""
+    with shaped_link("8kbit") as (server, client):
+        t0 = time.monotonic()
+        received, sent, failed = burst(server, client, 100)
+        spent = time.monotonic() - t0
+        assert received == 100 and sent + failed == 100 and 0 < sent < 50, (sent, failed)
+        assert spent < 0.2 + 5 * mmsg.SEND_WAIT + 2

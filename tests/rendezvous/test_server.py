@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -15,7 +16,7 @@ import pytest
 
 from rendezvous.server import Server, ServerOptions
 from rendezvous.service import Config, Service
-from tests.nstools import Netns, is_root, py_env
+from tests.nstools import Netns, have, is_root, py_env, shaped_pair
 
 A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3  # Linux; socket has them from Python 3.12
@@ -185,6 +186,66 @@ def test_replies_are_sent_with_df_and_ip_id_zero(io):
             raw.close()
             c.close()
             assert s.finish()[0] == 0
+
+
+@pytest.mark.skipif(not (is_root() and have("tc")), reason="needs root and tc")
+@pytest.mark.parametrize("io", ["mmsg", "plain"])
+def test_a_burst_of_replies_into_a_slow_uplink_is_not_dropped(io):
+    """Replies that wait in the egress queue of a slow link stay charged to the server's
+    send buffer; with the kernel's default (208 KiB, ~200 small replies) a burst of
+    requests made the sends fail with EAGAIN and those replies were dropped. Now the
+    buffer is larger and a full one is waited for, briefly, instead. The uplink here:
+    a veth whose egress is shaped to 2 Mbit/s (tbf with a long queue)."""
+    count = 2000
+    with shaped_pair("sndbuf", "2mbit") as (srv, cli):
+        s = RunningServer("--listen", "10.78.0.1", "--rate", "0", "--io", io, netns=srv)
+        with cli.entered():
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("10.78.0.2", 0))
+        try:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            c.settimeout(5)
+            keys = [random.randbytes(32) for _ in range(count)]
+            for k in keys:  # as fast as we can: far faster than the uplink drains
+                c.sendto(k + B, s.addr)
+            got = 0
+            with contextlib.suppress(TimeoutError):
+                while got < count:
+                    c.recv(64)
+                    got += 1
+        finally:
+            c.close()
+            code, log = s.finish()
+        assert code == 0
+        assert got == count, log[-800:]
+        assert "send_failed=0" in log
+
+
+@pytest.mark.skipif(not (is_root() and have("tc")), reason="needs root and tc")
+def test_the_plain_path_waits_for_a_full_send_buffer_too():
+    """--io plain, in process: 100 replies into the kernel's smallest send buffer (~8
+    small datagrams) behind a 2 Mbit/s link all leave; before, ~90 were dropped."""
+    with shaped_pair("plain", "2mbit") as (srv, cli):
+        server = Server(Service(Config(rate=0)),
+                        ServerOptions(listen=[("10.78.0.1", 0)], io="plain"))
+        with srv.entered():
+            server.open()
+        sock = server.sockets[0]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
+        with cli.entered():
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("10.78.0.2", 0))
+        try:
+            for _ in range(100):
+                c.sendto(random.randbytes(32) * 2, sock.getsockname())
+            time.sleep(0.2)  # one unshaped hop: all are queued by then
+            server._plain_reader(sock, pktinfo=False)()
+            assert server.send_failed == 0
+            c.settimeout(5)
+            assert [len(c.recv(64)) for _ in range(100)] == [6] * 100
+        finally:
+            c.close()
+            server.close()
 
 
 def test_only_the_service_sockets_send_atomic_datagrams():
