@@ -13,7 +13,7 @@ from typing import Any
 
 from . import logsetup, metrics
 from .classic import DEFAULT_PORT
-from .server import ListenError, Server, ServerOptions, format_address
+from .server import ListenError, Server, ServerOptions, buffer_shortfall, format_address
 from .service import Config, Service
 
 __all__ = ["main", "build_parser"]
@@ -422,6 +422,11 @@ def _serve(args: argparse.Namespace, config: Config, crypto: Any, loose_key: boo
         log.info("relay on UDP %s (%d pairs at most, %d bytes / %d datagrams per pair, "
                  "idle %gs)", ports_text(relay.ports), relay.max_pairs, relay.max_bytes,
                  relay.max_packets, relay.idle)
+    short = buffer_shortfall(server.sockets[0]) if server.sockets else []
+    if short:
+        log.warning("socket buffers capped by the kernel: %s; a burst of requests or "
+                    "replies beyond them is dropped (raise both sysctls to 4194304: "
+                    "OPERATIONS.md, Capacity)", ", ".join(short))
     if loose_key:
         log.warning("key file %s is accessible to other users (chmod 600 it)", args.key)
     try:

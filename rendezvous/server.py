@@ -30,7 +30,8 @@ from .logsetup import peer_fields
 from .service import Service
 from .v2.wire import Endpoint, looks_like_v2
 
-__all__ = ["ListenError", "Server", "ServerOptions", "format_address", "open_socket"]
+__all__ = ["ListenError", "Server", "ServerOptions", "buffer_shortfall", "format_address",
+           "open_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,21 @@ def open_socket(addr: str, port: int, reuse_port: bool = False,
             why = "IPv6 is not available on this host"
         raise ListenError(e.errno, f"cannot listen on {where}: {why}") from None
     return sock
+
+
+def buffer_shortfall(sock: socket.socket, rcvbuf: int = _SO_RCVBUF,
+                     sndbuf: int = _SO_SNDBUF) -> list[str]:
+    """Which of SOCK's buffers the kernel granted less than RCVBUF / SNDBUF bytes of (it
+    caps them at net.core.rmem_max / wmem_max unless the process may override that),
+    e.g. ``["receive 208 of 4096 KiB (net.core.rmem_max)"]``; empty when both are as
+    asked."""
+    short = []
+    for what, opt, asked, knob in (("receive", socket.SO_RCVBUF, rcvbuf, "rmem_max"),
+                                   ("send", socket.SO_SNDBUF, sndbuf, "wmem_max")):
+        got = sock.getsockopt(socket.SOL_SOCKET, opt) // 2  # it reports twice the size
+        if got < asked:
+            short.append(f"{what} {got >> 10} of {asked >> 10} KiB (net.core.{knob})")
+    return short
 
 
 def _is_wildcard(sock: socket.socket) -> bool:
