@@ -42,6 +42,15 @@ def _counts(lab: Lab, nat: str) -> list[int]:
     return [int(n) for n in re.findall(r"counter packets (\d+)", out)]
 
 
+def _drew_the_same_port(log: str) -> bool:
+    """Did this side's NAT check see one public port from both of the server's ports,
+    although the port is not WireGuard's own (a symmetric NAT's chance collision)?"""
+    import re
+
+    return re.search(r"NAT \(this host, IPv4\): endpoint-independent mapping, port not "
+                     r"preserved;.*\(the server saw \S+ at two ports\)", log) is not None
+
+
 def _reset(lab: Lab) -> None:
     """Forget the last run: peers re-added without endpoints, both NATs' mappings gone."""
     for host, peer, tun in (("alice", "BOB", "BOB_TUN"), ("bob", "ALICE", "ALICE_TUN")):
@@ -62,18 +71,29 @@ def test_spray_gets_a_direct_tunnel_through_one_symmetric_nat(make_lab, tmp_path
     hard_pub, easy_pub = lab.info[f"PUB_{hard_nat.upper()}"], lab.info[f"PUB_{easy_nat.upper()}"]
     _count_rule(lab, easy_nat, hard_pub)
     times = []
-    for run in range(RUNS):
+    run = collisions = 0
+    while run < RUNS:
         server = lab.start_server()
         a = lab.punch("alice", "--wait", "--timeout", "15", "--state-dir", str(tmp_path / "a"))
         time.sleep(0.3)  # Alice is waiting when Bob starts, as in real life
         start = time.monotonic()
         b = lab.punch("bob", "--wait", "--timeout", "15", "--state-dir", str(tmp_path / "b"))
-        logs = {}
+        logs, codes = {}, {}
         for p, who in ((a, "alice"), (b, "bob")):
             _, err = p.communicate(timeout=30)
-            logs[who] = err.decode()
-            assert p.returncode == 0, f"run {run}: wg-punch on {who} exited {p.returncode}:\n" \
-                                      f"{logs[who]}"
+            logs[who], codes[who] = err.decode(), p.returncode
+        if _drew_the_same_port(logs[hard]):
+            # The symmetric NAT drew the same one of its 256 ports for both probes (1 in
+            # 256): two samples cannot tell that from an endpoint-independent NAT, so the
+            # verdict says so and nobody sprays. Not what this test is about: redo the run.
+            collisions += 1
+            assert collisions < 3, logs[hard]
+            lab.stop(server)
+            _reset(lab)
+            continue
+        for who in ("alice", "bob"):
+            assert codes[who] == 0, f"run {run}: wg-punch on {who} exited {codes[who]}:\n" \
+                                    f"{logs[who]}"
         assert lab.wait_handshake("alice", LIMIT) and lab.wait_handshake("bob", LIMIT)
         times.append(time.monotonic() - start)
         assert f"sprayed 512 empty datagrams to {hard_pub} ports" in logs[easy], logs[easy]
@@ -89,6 +109,7 @@ def test_spray_gets_a_direct_tunnel_through_one_symmetric_nat(make_lab, tmp_path
         assert (to_hard, elsewhere) == (513 * (run + 1), 0)
         lab.stop(server)
         _reset(lab)
+        run += 1
     print(f"{nat_a}/{nat_b}: seconds to a handshake on both sides: "
           + ", ".join(f"{t:.2f}" for t in times))
     assert max(times) < LIMIT
