@@ -97,11 +97,22 @@ HEAD = 64  # the first HEAD bytes of every datagram land back to back in Batch.h
 MIN_PIECE = 8  # shorter runs of 64-byte datagrams are not worth a bulk call
 
 
-def wait_writable(fd: int, timeout: float) -> bool:
-    """Wait at most TIMEOUT seconds for room in FD's send buffer; True once there is."""
-    p = select.poll()
-    p.register(fd, select.POLLOUT)
-    return bool(p.poll(max(0.0, timeout) * 1000))
+class SendWait:
+    """Waits for room in a full send buffer, at most SEND_WAIT seconds in all: one per
+    batch of replies (or per read call of the plain path)."""
+
+    def __init__(self) -> None:
+        self.deadline = 0.0
+
+    def wait(self, fd: int) -> bool:
+        """Wait until FD's send buffer has room again; False once the time is used up."""
+        now = time.monotonic()
+        self.deadline = self.deadline or now + SEND_WAIT
+        if now >= self.deadline:
+            return False
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        return bool(p.poll((self.deadline - now) * 1000))
 
 
 def _unpack_replies(res: PackedReplies) -> list[bytes]:
@@ -351,7 +362,7 @@ class Batch:
         counted; a full send buffer is waited for, at most SEND_WAIT seconds in all, and
         what still does not fit is counted too."""
         done = sent = failed = 0
-        deadline = 0.0
+        room: SendWait | None = None
         while done < total:
             k = _libc.sendmmsg(fd, vec + done, total - done, MSG_DONTWAIT)
             if k > 0:
@@ -362,9 +373,8 @@ class Batch:
             if err == errno.EINTR:
                 continue
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                now = time.monotonic()
-                deadline = deadline or now + SEND_WAIT
-                if now < deadline and wait_writable(fd, deadline - now):
+                room = room or SendWait()
+                if room.wait(fd):
                     continue
                 failed += total - done
                 break

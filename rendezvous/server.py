@@ -409,7 +409,7 @@ class Server:
                                else (socket.IPPROTO_IP, mmsg.IP_PKTINFO))
 
         def read() -> None:
-            deadline = 0.0  # a full send buffer is waited for at most mmsg.SEND_WAIT a call
+            room = mmsg.SendWait()  # for a full send buffer, once per call
             for _ in range(1024):
                 try:
                     data, anc, flags, addr = sock.recvmsg(2048, ancsize)
@@ -443,9 +443,7 @@ class Server:
                     try:
                         sock.sendmsg([reply], cmsg, 0, addr)
                     except BlockingIOError:
-                        now = time.monotonic()
-                        deadline = deadline or now + mmsg.SEND_WAIT
-                        if now < deadline and mmsg.wait_writable(sock.fileno(), deadline - now):
+                        if room.wait(sock.fileno()):
                             continue
                         self.send_failed += 1
                     except OSError as e:
