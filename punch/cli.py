@@ -124,6 +124,16 @@ def _spray_count(text: str) -> int:
     return value
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more: {text!r}")
+    return value
+
+
 def _keepalive(text: str) -> int:
     try:
         value = int(text)
@@ -179,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-address", type=_address_arg, metavar="ADDR",
                    help="v2: the server's second address (wg-rendezvous --probe-address), "
                         "to tell address-dependent mappings apart too")
+    p.add_argument("--nat-recheck", type=_nonneg_float, default=30.0, metavar="S",
+                   help="v2 --daemon with --probe-port: check this host's NAT again when a "
+                        "peer has had our endpoint for S seconds without a handshake (then "
+                        "at 2x, 4x ... at most 16x S apart while that lasts) and every 30 "
+                        "minutes anyway, and tell the peers a verdict that changed (the "
+                        "host moved, or one check was fooled); 0: never (default 30)")
     p.add_argument("--no-spray", dest="spray", action="store_false",
                    help="v2: never spray (see --spray-count)")
     p.add_argument("--spray-count", type=_spray_count, default=512, metavar="N",
@@ -252,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    families=(args.family,) if args.family else (4, 6),
                    probe_port=args.probe_port, probe_address=args.probe_address,
                    spray=args.spray, spray_count=args.spray_count, spray_rate=args.spray_rate,
-                   observers=observers, relay=relay)
+                   observers=observers, relay=relay, nat_recheck=args.nat_recheck)
     try:
         result = run(opts)
     except PunchError as e:

@@ -64,6 +64,7 @@ class Options:
     spray_count: int = 512               # ... that many ports (and datagrams)
     spray_rate: float = 5000.0           # ... at most that many a second
     relay: v2machine.RelayTiming | None = None  # v2: the relay fallback (None: off)
+    nat_recheck: float = 30.0            # v2 daemon with probe_port: see netcheck.Recheck
 
 
 @dataclass

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from rendezvous.nat import Mapping, NatVerdict
 
-__all__ = ["Addr", "Observations", "Verdict", "advice", "decide", "pair_advice", "relay_at_once"]
+__all__ = ["Addr", "Observations", "Recheck", "Verdict", "advice", "decide", "pair_advice",
+           "relay_at_once"]
 
 Addr = tuple[str, int]  # (ip text, port)
 
@@ -148,3 +149,48 @@ def pair_advice(mine: NatVerdict, peer: NatVerdict) -> str:
     if a or b:
         return "direct only with the spray from the easy side, else a relay"
     return "a relay (both NATs are hard)"
+
+
+class Recheck:
+    """When a daemon checks this host's NAT again. Pure: times in, decisions out.
+
+    The check at start takes one sample per destination, and a verdict can go wrong
+    under a running daemon: the host moves to another network (a laptop, a phone's
+    hotspot), the router is replaced or reconfigured, or a symmetric NAT that allocates
+    from a small port block happened to draw the same port for both probes. A hard NAT
+    believed easy costs the direct tunnel, since nobody sprays for it. So:
+
+    - while some peer has had a direct endpoint of ours for AFTER seconds without a
+      handshake (``stuck_since``), check again, then after 2, 4, 8 and at most 16 x
+      AFTER between checks while that lasts; a check that finds a change, or a time
+      when no peer is stuck, starts the spacing from AFTER again;
+    - and every EVERY seconds in any case.
+    """
+
+    def __init__(self, after: float = 30.0, every: float = 1800.0) -> None:
+        if after <= 0 or every <= 0:
+            raise ValueError(f"re-check times must be positive, got {after} and {every}")
+        self.after, self.every = after, every
+        self.gap = after
+        self.last: float | None = None  # the latest check (or the start)
+
+    def start(self, now: float) -> None:
+        """The check at start happened (or was skipped) at NOW."""
+        self.last = now
+
+    def due(self, now: float, stuck_since: float | None) -> bool:
+        """Is a check due at NOW? STUCK_SINCE: since when the longest-waiting peer has
+        had our direct endpoint without a handshake (None: no peer waits)."""
+        if self.last is None:
+            return False
+        if now - self.last >= self.every:
+            return True
+        if stuck_since is None:
+            self.gap = self.after
+            return False
+        return now - stuck_since >= self.after and now - self.last >= self.gap
+
+    def checked(self, now: float, changed: bool) -> None:
+        """A check ran at NOW; CHANGED: it found another verdict than before."""
+        self.last = now
+        self.gap = self.after if changed else min(self.gap * 2, self.after * 16)

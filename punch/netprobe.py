@@ -81,9 +81,10 @@ class V2Exchange:
 
     RETRY = ("", -1)
 
-    def __init__(self, crypto: ClientCrypto, my_key: bytes, nat: int = 0) -> None:
+    def __init__(self, crypto: ClientCrypto, my_key: bytes, nat: int = 0,
+                 first_timestamp: int = 0) -> None:
         self.crypto, self.my_key, self.nat = crypto, my_key, nat
-        self._next_ts = 0
+        self._next_ts = first_timestamp  # a running client's next timestamp
         self._ids: dict[str, int] = {}
 
     def request(self, role: str) -> bytes:

@@ -23,7 +23,7 @@ from .client import Client, Options, _view, resolve_servers
 from .errors import BadInterface, BadServerKey, NotPermitted, PunchError, ServerUnreachable
 from .machine import Apply as ClassicApply
 from .machine import Keepalive, Punch
-from .netcheck import Verdict
+from .netcheck import Recheck, Verdict
 from .v2machine import Apply, Bind, PunchV2, Send, Spray, SprayConfig
 
 if TYPE_CHECKING:
@@ -51,6 +51,10 @@ class ClientV2(Client):
         self._told_nat: dict[bytes, int] = {}    # the peer verdicts logged so far
         self.sprayed = 0                         # datagrams sent by sprays
         self.bind_failed = 0
+        self.recheck: Recheck | None = None      # daemon with --probe-port
+        self.nat_checks = 0                      # NAT checks after the one at start
+        self.nat_changes = 0                     # ... that found another verdict
+        self.probe_next_ts = 0                   # after a NAT check: our next timestamp
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
@@ -96,32 +100,90 @@ class ClientV2(Client):
         self.machine = PunchV2(opts.timing, daemon=opts.daemon, only=opts.peers,
                                families=[c.family for c in self.channels], nat=nat,
                                spray=spray, relay=opts.relay)
+        self.machine.stamped_elsewhere(self.probe_next_ts)
 
     def _netcheck(self, device: Device) -> int:
         """Probe this host's NAT (over IPv4 when the server has an IPv4 address: that is
         the NAT that matters; else over IPv6) before the first request; the nat byte
         every request then carries. A probe that fails leaves the verdict unknown."""
-        from .netcheck import advice, decide
+        from .netcheck import Recheck, advice
+
+        verdict = self._check_nat(device, device.listen_port)
+        if self.opts.daemon and self.opts.nat_recheck > 0:
+            self.recheck = Recheck(after=self.opts.nat_recheck)
+            self.recheck.start(time.monotonic())
+        if verdict is None:
+            return 0
+        self.nat_verdict = verdict
+        log.info("NAT (this host, IPv%d): %s; %s (%s)", self._nat_family(), verdict.nat,
+                 advice(verdict.nat), verdict.reason, extra={"nat": verdict.nat.token})
+        return verdict.code
+
+    def _nat_family(self) -> int:
+        return 4 if 4 in self.servers else 6
+
+    def _check_nat(self, device: Device, wg_port: int,
+                   first_timestamp: int = 0) -> Verdict | None:
+        """One NAT check from WG_PORT; None (logged) when the probe could not run. The
+        lowest timestamp the client may use next is left in ``probe_next_ts``."""
+        from .netcheck import decide
         from .netprobe import ProbeConfig, V2Exchange, probe
 
         opts = self.opts
         assert self.crypto is not None and opts.probe_port is not None
         assert device.public_key is not None
-        family = 4 if 4 in self.servers else 6
+        family = self._nat_family()
         server = self.servers[family]
-        config = ProbeConfig(opts.probe_port, opts.probe_address)
+        exchange = V2Exchange(self.crypto, device.public_key,
+                              self.nat_verdict.code if self.nat_verdict else 0,
+                              first_timestamp)
         try:
-            obs, _ = probe(server, device.listen_port, config,
-                           V2Exchange(self.crypto, device.public_key))
+            obs, _ = probe(server, wg_port, ProbeConfig(opts.probe_port, opts.probe_address),
+                           exchange)
         except NotPermitted:
             raise
         except (PunchError, OSError) as e:
-            log.warning("NAT check over IPv%d failed: %s; the verdict stays unknown", family, e)
-            return 0
-        verdict = self.nat_verdict = decide(obs)
-        log.info("NAT (this host, IPv%d): %s; %s (%s)", family, verdict.nat, advice(verdict.nat),
+            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, e,
+                        "unknown" if self.nat_verdict is None else "as it was")
+            return None
+        finally:
+            self.probe_next_ts = exchange.next_timestamp
+        return decide(obs)
+
+    def _maybe_recheck(self, now: float) -> None:
+        """Daemon with --probe-port: check the NAT again when :class:`Recheck` says so,
+        and tell the machine (hence the server and the peers) a verdict that changed."""
+        from rendezvous.nat import Mapping
+
+        from .netcheck import advice
+
+        machine, recheck = self.machine, self.recheck
+        if recheck is None or not isinstance(machine, PunchV2):
+            return
+        stuck = machine.stuck_since()
+        if not recheck.due(now, stuck):
+            return
+        assert self.device is not None
+        old = self.nat_verdict
+        verdict = self._check_nat(self.device, self.wg_port, machine.stamp(time.time_ns()))
+        machine.stamped_elsewhere(self.probe_next_ts)
+        self.nat_checks += 1
+        if verdict is not None and verdict.nat.mapping is Mapping.UNKNOWN and old is not None:
+            verdict = None  # an unanswered probe says nothing against a verdict we have
+        changed = verdict is not None and (old is None or verdict.nat != old.nat)
+        recheck.checked(time.monotonic(), changed)
+        why = ("a peer has had our endpoint for %.0f s without a handshake" % (now - stuck)
+               if stuck is not None else "the periodic check")
+        if not changed or verdict is None:
+            log.debug("NAT checked again (%s): unchanged", why)
+            return
+        self.nat_verdict = verdict
+        self.nat_changes += 1
+        machine.set_nat(verdict.code, time.monotonic())
+        log.info("NAT (this host, IPv%d) checked again (%s): now %s, was %s; %s (%s); "
+                 "telling the peers", self._nat_family(), why, verdict.nat,
+                 old.nat if old is not None else "unknown", advice(verdict.nat),
                  verdict.reason, extra={"nat": verdict.nat.token})
-        return verdict.code
 
     def summary(self) -> str:
         assert not isinstance(self.machine, Punch)
@@ -132,7 +194,8 @@ class ClientV2(Client):
                 f"unknown={c.unknown} stale={c.stale} notifies={c.notifies} "
                 f"old_notifies={c.old_notifies} auth_failed={self.auth_failed} "
                 f"malformed={self.malformed} applied={c.applied} fallbacks={c.fallbacks} "
-                f"sprays={c.sprays} sprayed={self.sprayed} "
+                f"sprays={c.sprays} sprayed={self.sprayed} nat_checks={self.nat_checks} "
+                f"nat_changes={self.nat_changes} "
                 f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}"
                 + (f" relay_asked={c.relay_asked} relay_offers={c.relay_offers} "
                    f"relay_old={c.relay_old} binds={c.binds} bind_failed={self.bind_failed} "
@@ -166,6 +229,7 @@ class ClientV2(Client):
     def _send_due(self, now: float) -> None:
         machine = self.machine
         assert self.crypto is not None and not isinstance(machine, Punch)
+        self._maybe_recheck(now)
         for action in machine.poll(now, time.time_ns()):
             if isinstance(action, Send):
                 log.debug("asking for %s over IPv%d (id %08x)", short_key(action.peer),

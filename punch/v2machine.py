@@ -40,8 +40,10 @@ datagrams from WireGuard's port to the peer's reported address, over a window of
 accepts the peer's handshake from whichever port its NAT picks for us, if that port is
 in the window (port-block-allocating NATs keep a host's ports in one block, RFC 7422);
 the peer's WireGuard initiates to our known endpoint and ours follows it (roaming).
-Once per endpoint applied (kept endpoints are not sprayed for); only ever toward the address the server reported; never when
-either verdict is unknown; off with ``spray=None``. The hard side, for its part, waits
+Once per endpoint applied; an endpoint we set earlier and keep is sprayed for once
+the verdicts call for it (one changed since, e.g. the peer checked its NAT again and it
+is hard after all) if it has given no handshake yet; only ever toward the address the
+server reported; never when either verdict is unknown; off with ``spray=None``. The hard side, for its part, waits
 ``spray_hold`` seconds before it applies the easy peer's endpoint (its WireGuard then
 initiates at once), so that its first handshake arrives after the peer's spray rather
 than racing it and being retried by WireGuard only 5 s later.
@@ -481,6 +483,25 @@ class PunchV2:
         self._min_next = ts + 1
         return ts
 
+    def stamped_elsewhere(self, next_ts: int) -> None:
+        """Timestamps below NEXT_TS went out without us (the shell's NAT check): ours go on
+        from there, so the server does not find our next request stale."""
+        self._min_next = max(self._min_next, next_ts)
+
+    def set_nat(self, nat: int, now: float) -> bool:
+        """This host's verdict as checked again (the request's nat byte). A new one goes
+        out at once: every peer is asked again now, so that the server has it and each
+        peer gets it with its next answer (an easy peer then sprays for us, see
+        :meth:`_settle`). Returns whether it changed."""
+        if nat == self.nat:
+            return False
+        self.nat = nat
+        for st in self.peers.values():
+            for ask in st.asks.values():
+                if ask.inflight is None:
+                    ask.due = min(ask.due, now)
+        return True
+
     def poll(self, now: float, wall_ns: int) -> list[Send | Apply | Keepalive | Spray | Bind]:
         """Expire lost requests, settle answers that waited for IPv6, fall back from
         silent IPv6 endpoints, and start the requests that are due. WALL_NS is the
@@ -556,6 +577,14 @@ class PunchV2:
 
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def stuck_since(self) -> float | None:
+        """Since when the longest-waiting peer has had a direct endpoint we set and no
+        handshake after it (None: no peer waits so). What a NAT re-check waits on."""
+        return min((st.applied_at for st in self.peers.values()
+                    if st.applied is not None and st.applied_at is not None
+                    and st.relay is None and not st.handshake_after(st.applied_at)),
+                   default=None)
 
     def before_apply(self, now: float, view: PeerView) -> None:
         """WireGuard's peer as read right before the IPv6 endpoint just decided on is
@@ -671,10 +700,18 @@ class PunchV2:
         if reason is None:
             if st.status is not Status.APPLIED:
                 self._settled(st, Status.KEPT)
+            kept: list[Action] = []
             if st.view is not None and st.view.keepalive == 0:
                 # A kept endpoint still needs keepalives to hold the NATs open.
-                return [Keepalive(st.key, self.timing.keepalive)]
-            return []
+                kept.append(Keepalive(st.key, self.timing.keepalive))
+            if (st.applied == answer and st.sprayed != answer and st.applied_at is not None
+                    and not st.handshake_after(st.applied_at)):
+                # Our endpoint stays and has given no handshake, and a verdict has changed
+                # since we set it (a NAT checked again turned out hard): spray for it now.
+                spray = self._spray(st, answer)
+                if spray is not None:
+                    kept.append(spray)
+            return kept
         if st.applied is not None and st.applied.family != answer.family:
             reason = f"IPv{answer.family} preferred to {format_endpoint(st.applied)}"
         actions: list[Action] = [self._apply(st, answer, reason, now)]

@@ -13,6 +13,7 @@ other address."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -36,8 +37,6 @@ def _count_rule(lab: Lab, nat: str, hard_pub: str) -> None:
 
 
 def _counts(lab: Lab, nat: str) -> list[int]:
-    import re
-
     out = lab.run(f"nat-{nat}", ["nft", "list", "chain", "ip", "wgpunch_lab", "drops"]).stdout
     return [int(n) for n in re.findall(r"counter packets (\d+)", out)]
 
@@ -45,8 +44,6 @@ def _counts(lab: Lab, nat: str) -> list[int]:
 def _drew_the_same_port(log: str) -> bool:
     """Did this side's NAT check see one public port from both of the server's ports,
     although the port is not WireGuard's own (a symmetric NAT's chance collision)?"""
-    import re
-
     return re.search(r"NAT \(this host, IPv4\): endpoint-independent mapping, port not "
                      r"preserved;.*\(the server saw \S+ at two ports\)", log) is not None
 
@@ -157,3 +154,52 @@ def test_daemons_keep_the_sprayed_tunnel_across_re_asks(make_lab, tmp_path) -> N
     _, b_err = lab.stop(b)
     lab.stop(a)
     assert b_err.count("sprayed 512 empty datagrams") == 1, b_err
+
+
+def _turn_symmetric(lab: Lab, nat: str) -> None:
+    """Make router NAT's source NAT what `up --nat-? symmetric` with LAB_SYM_PORTS makes
+    it, under the running hosts, and forget its mappings: the host has moved to a
+    network behind a port-block-allocating symmetric NAT."""
+    lab.run(f"nat-{nat}", ["nft", "flush", "chain", "ip", "wgpunch_lab", "nat_post"])
+    for rule in (["meta", "l4proto", "udp", "masquerade", "to", f":{BLOCK[0]}-{BLOCK[1]}",
+                  "fully-random"], ["masquerade", "fully-random"]):
+        lab.run(f"nat-{nat}", ["nft", "add", "rule", "ip", "wgpunch_lab", "nat_post",
+                               "oifname", "wan", *rule])
+    lab.run(f"nat-{nat}", ["conntrack", "-F"], check=False)
+
+
+def test_a_daemon_whose_nat_turned_symmetric_checks_again_and_gets_its_tunnel(
+        make_lab, tmp_path) -> None:
+    """Bob's daemon checks its NAT at start (cone: easy), then his router turns into a
+    symmetric NAT. Alice (cone) sets his new endpoint and nobody sprays: two easy NATs,
+    as far as anybody knows, and no handshake gets through. Bob's daemon notices (a peer
+    with our endpoint and no handshake for --nat-recheck seconds), checks again, finds
+    the NAT hard and says so in its next requests; Alice's next answer carries it, and
+    she sprays for the endpoint she kept. Bob's WireGuard, retrying, gets through."""
+    lab = make_lab("cone", "cone", v2=True, probe_port=PROBE_PORT)
+    server = lab.start_server()
+    b = lab.punch("bob", "--daemon", "--interval", "4", "--nat-recheck", "4",
+                  "--state-dir", str(tmp_path / "b"))
+    time.sleep(2)  # Bob's check at start is done
+    _turn_symmetric(lab, "b")
+    a = lab.punch("alice", "--daemon", "--interval", "4", "--nat-recheck", "4",
+                  "--state-dir", str(tmp_path / "a"))
+    start = time.monotonic()
+    up = lab.wait_handshake("alice", 60) and lab.wait_handshake("bob", 10)
+    took = time.monotonic() - start
+    _, b_err = lab.stop(b)
+    _, a_err = lab.stop(a)
+    lab.stop(server)
+    assert up, f"no handshake:\n--- bob\n{b_err}\n--- alice\n{a_err}"
+    print(f"seconds from Alice's start to a handshake on both sides: {took:.1f}")
+    assert "NAT (this host, IPv4): endpoint-independent mapping, port preserved" in b_err
+    assert re.search(r"NAT \(this host, IPv4\) checked again \(a peer has had our endpoint "
+                     r"for \d+ s without a handshake\): now address-and-port-dependent", b_err), \
+        b_err
+    hard_pub = lab.info["PUB_B"]
+    assert f"sprayed 512 empty datagrams to {hard_pub} ports" in a_err, a_err
+    # Alice's WireGuard followed Bob's handshake to the port his NAT picked for her
+    ip, port = lab.endpoint("alice").rsplit(":", 1)
+    assert ip == hard_pub and BLOCK[0] <= int(port) <= BLOCK[1]
+    assert "checked again" not in a_err.replace("NAT checked again", "")  # hers: unchanged
+    assert lab.ping("bob", lab.info["ALICE_TUN"], count=1)

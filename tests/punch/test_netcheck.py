@@ -1,11 +1,19 @@
 """The pure NAT verdict (punch/netcheck.py) on crafted observations: every class, lost
-probes, IPv6 and IPv4-mapped forms, and what each verdict means for peers."""
+probes, IPv6 and IPv4-mapped forms, what each verdict means for peers, and when a
+daemon checks again."""
 
 from __future__ import annotations
 
 import pytest
 
-from punch.netcheck import Observations, advice, decide, pair_advice, relay_at_once
+from punch.netcheck import (
+    Observations,
+    Recheck,
+    advice,
+    decide,
+    pair_advice,
+    relay_at_once,
+)
 from rendezvous.nat import Mapping, NatVerdict
 
 LOCAL = ("192.168.1.2", 51820)
@@ -103,3 +111,42 @@ def test_pair_advice() -> None:
 ])
 def test_relay_at_once_only_when_both_nats_are_hard(mine, theirs, want):
     assert relay_at_once(mine, theirs) is want
+
+
+# -- when a daemon checks again ----------------------------------------------------------
+
+
+def test_recheck_waits_for_a_stuck_peer_then_backs_off_and_starts_over_on_a_change():
+    r = Recheck(after=30, every=1800)
+    assert not r.due(0, None)  # not before the check at start
+    r.start(0)
+    assert not r.due(100, None)  # nobody waits for a handshake
+    assert not r.due(100, 71)    # stuck for 29 s
+    assert r.due(100, 70)        # stuck for 30 s
+    r.checked(100, changed=False)
+    assert not r.due(159, 70) and r.due(160, 70)  # then 60 s apart
+    r.checked(160, changed=False)
+    assert not r.due(279, 70) and r.due(280, 70)  # 120
+    for t in (280, 520, 1000):
+        r.checked(t, changed=False)
+    assert r.gap == 480  # at most 16 x after
+    r.checked(1000, changed=True)
+    assert r.due(1030, 70)  # a change starts the spacing over
+
+
+def test_recheck_spacing_starts_over_once_no_peer_waits_and_runs_periodically():
+    r = Recheck(after=30, every=1800)
+    r.start(0)
+    r.checked(40, changed=False)
+    r.checked(100, changed=False)
+    assert r.gap == 120
+    assert not r.due(110, None)  # the tunnel came up meanwhile
+    assert r.gap == 30
+    assert r.due(130, 100)
+    r.checked(130, changed=False)
+    assert not r.due(1929, None) and r.due(1930, None)  # every 30 min anyway
+
+
+def test_recheck_times_must_be_positive():
+    with pytest.raises(ValueError, match="positive"):
+        Recheck(after=0)

@@ -643,3 +643,68 @@ def test_hard_side_waits_for_the_easy_peer_s_spray_before_applying():
         m = machine(nat=HARD)
         s = only_send(m.poll(0.0, WALL))
         assert [type(a) for a in m.on_reply(0.1, found_nat(s, theirs, B4), 4)] == [Apply]
+
+
+# -- a verdict that changes under a running daemon ---------------------------------------
+
+
+def test_a_new_verdict_is_asked_with_at_once_and_an_unchanged_one_is_not():
+    m = machine(nat=EASY, daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.1, found_nat(s, EASY, B4), 4)
+    assert sends(m.poll(1.0, WALL)) == []  # the next ask is due at interval / 2
+    assert not m.set_nat(EASY, 1.0)
+    assert sends(m.poll(1.0, WALL)) == []
+    assert m.set_nat(HARD, 1.0)
+    again = only_send(m.poll(1.0, WALL))
+    assert again.body.nat == HARD and again.body.timestamp > s.body.timestamp
+
+
+def test_the_easy_side_sprays_for_a_kept_endpoint_once_the_peer_turns_out_hard():
+    """The peer's check said easy, so we set its endpoint without a spray; it checked
+    again and is hard: the next answer (same endpoint) brings the spray, once."""
+    m = machine(nat=EASY, daemon=True, spray=SprayConfig(count=100, rate=1000.0))
+    s = only_send(m.poll(0.0, WALL))
+    assert [type(a) for a in m.on_reply(0.1, found_nat(s, EASY, A4), 4)] == [Apply]
+    m.update_device(0.5, dev(PeerView(P1, ("198.51.100.7", 40001), keepalive=25)))
+    s = only_send(m.poll(11.0, WALL + 1))
+    out = m.on_reply(11.1, found_nat(s, HARD, A4), 4)
+    assert out == [Spray(P1, A4.ip, range(A4.port - 50, A4.port + 50), 1000.0)]
+    s = only_send(m.poll(22.0, WALL + 2))
+    assert m.on_reply(22.1, found_nat(s, HARD, A4), 4) == []  # not twice
+
+
+def test_no_spray_for_a_kept_endpoint_that_has_had_a_handshake():
+    m = machine(nat=EASY, daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.1, found_nat(s, EASY, A4), 4)
+    m.update_device(5.0, dev(PeerView(P1, ("198.51.100.7", 40001), handshake_age=1.0,
+                                      keepalive=25)))
+    s = only_send(m.poll(11.0, WALL + 1))
+    assert m.on_reply(11.1, found_nat(s, HARD, A4), 4) == []
+
+
+def test_stuck_since_is_the_oldest_direct_endpoint_without_a_handshake_after_it():
+    m = machine(PeerView(P1), PeerView(P2), nat=EASY, daemon=True)
+    assert m.stuck_since() is None
+    s1, s2 = sends(m.poll(0.0, WALL))
+    m.on_reply(0.5, found_nat(s1, EASY, A4), 4)
+    assert m.stuck_since() == 0.5
+    m.on_reply(0.8, found_nat(s2, EASY, B4), 4)
+    assert m.stuck_since() == 0.5
+    # a handshake with the first peer after we set its endpoint; the second one's
+    # latest handshake is older than its endpoint: it still waits
+    m.update_device(4.0, dev(PeerView(s1.peer, ("198.51.100.7", 40001), handshake_age=1.0),
+                             PeerView(s2.peer, ("203.0.113.9", 51820), handshake_age=3.5)))
+    assert m.stuck_since() == 0.8
+    m.update_device(6.0, dev(PeerView(s1.peer, ("198.51.100.7", 40001), handshake_age=3.0),
+                             PeerView(s2.peer, ("203.0.113.9", 51820), handshake_age=1.0)))
+    assert m.stuck_since() is None
+
+
+def test_timestamps_used_elsewhere_are_skipped():
+    m = machine()
+    m.stamped_elsewhere(WALL + 500)
+    assert only_send(m.poll(0.0, WALL)).body.timestamp == WALL + 500
+    m.stamped_elsewhere(WALL)  # never backwards
+    assert m.stamp(WALL) == WALL + 501

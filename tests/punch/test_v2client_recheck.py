@@ -1,0 +1,104 @@
+"""The daemon's NAT re-check in the v2 shell (punch.v2client): when it runs, what a
+changed, an unchanged and an unanswered check do. The probe itself (raw sockets to a
+real server) is replaced by scripted verdicts here; it is tested in test_netprobe.py,
+and the whole path in the lab (tests/lab/test_spray_lab.py)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from punch.client import Options
+from punch.netcheck import Recheck, Verdict
+from punch.policy import DeviceView, PeerView, Timing
+from punch.v2client import ClientV2
+from punch.v2machine import PunchV2
+from rendezvous.nat import Mapping, NatVerdict
+from rendezvous.v2.wire import Endpoint, ReplyBody, Status
+
+ME, PEER = b"M" * 32, b"P" * 32
+EASY = Verdict(NatVerdict(Mapping.ENDPOINT_INDEPENDENT, True), ("192.0.2.1", 51820), False,
+               "seen at two ports")
+HARD = Verdict(NatVerdict(Mapping.ADDRESS_AND_PORT_DEPENDENT, False), ("192.0.2.1", 40001),
+               False, "a new mapping per destination port")
+SILENT = Verdict(NatVerdict(), None, False, "no reply from the server's port to the probe")
+WALL = 1_700_000_000_000_000_000
+
+
+class _Device:
+    public_key = ME
+    listen_port = 51820
+
+
+class Scripted(ClientV2):
+    """ClientV2 whose NAT checks return the next of VERDICTS (None: the probe failed)."""
+
+    def __init__(self, verdicts: list[Verdict | None]) -> None:
+        super().__init__(Options(server="192.0.2.9:49918", interface="wg0", daemon=True,
+                                 server_key=bytes(32), probe_port=49919, nat_recheck=30))
+        self.verdicts = verdicts
+        self.probes: list[int] = []
+        self.servers = {4: ("192.0.2.9", 49918)}
+        self.device, self.wg_port = _Device(), 51820  # type: ignore[assignment]
+        self.crypto = object()  # type: ignore[assignment]
+        self.machine = PunchV2(Timing(request_timeout=1.0, interval=20.0), daemon=True,
+                               families=(4,), randbits=random.Random(1).getrandbits,
+                               nat=EASY.code)
+        self.nat_verdict = EASY
+        self.recheck = Recheck(after=30)
+        self.recheck.start(0.0)
+
+    def _check_nat(self, device, wg_port, first_timestamp=0):  # type: ignore[override]
+        self.probes.append(first_timestamp)
+        self.probe_next_ts = first_timestamp + 3  # the probe used three timestamps
+        return self.verdicts.pop(0)
+
+
+def stuck_client(verdicts: list[Verdict | None]) -> Scripted:
+    """A client whose one peer got our endpoint at t=0.5 and has given no handshake."""
+    c = Scripted(verdicts)
+    m = c.machine
+    assert isinstance(m, PunchV2)
+    m.update_device(0.0, DeviceView(ME, (PeerView(PEER),)))
+    [send] = m.poll(0.0, WALL)
+    m.on_reply(0.5, ReplyBody(send.body.request_id, Status.FOUND, WALL,
+                              Endpoint("192.0.2.1", 51820),
+                              (Endpoint("198.51.100.7", 51820),), EASY.code), 4)
+    return c
+
+
+def test_a_changed_verdict_goes_to_the_machine_and_out_at_once(caplog):
+    c = stuck_client([HARD])
+    m = c.machine
+    assert isinstance(m, PunchV2)
+    c._maybe_recheck(30.0)  # stuck for 29.5 s: not yet
+    assert c.probes == []
+    with caplog.at_level(logging.INFO, "wg-punch"):
+        c._maybe_recheck(30.5)
+    assert len(c.probes) == 1 and c.nat_checks == c.nat_changes == 1
+    assert c.nat_verdict == HARD and m.nat == HARD.code
+    assert "checked again (a peer has had our endpoint for 30 s without a handshake): now " \
+           "address-and-port-dependent" in caplog.text
+    # the machine's timestamps go on after the probe's; the new byte goes out now
+    [send] = m.poll(30.6, WALL)
+    assert send.body.nat == HARD.code and send.body.timestamp >= c.probes[0] + 3
+
+
+@pytest.mark.parametrize("second", [SILENT, None, EASY])
+def test_an_unanswered_failed_or_unchanged_check_keeps_the_verdict(second):
+    c = stuck_client([second])
+    c._maybe_recheck(31.0)
+    assert len(c.probes) == 1 and c.nat_checks == 1 and c.nat_changes == 0
+    assert c.nat_verdict == EASY and c.machine.nat == EASY.code
+    c._maybe_recheck(90.0)  # backed off: 60 s after the last check
+    assert len(c.probes) == 1
+
+
+def test_no_check_without_a_stuck_peer_until_the_periodic_one():
+    c = Scripted([EASY])
+    c._maybe_recheck(1799.0)
+    assert c.probes == []
+    c._maybe_recheck(1800.0)
+    assert len(c.probes) == 1
