@@ -232,6 +232,12 @@ class Server:
                     continue
                 to = ((socket.inet_ntop(socket.AF_INET6, dest[:16]), int.from_bytes(dest[16:], "big"))
                       if v6 else (socket.inet_ntoa(dest[:4]), int.from_bytes(dest[4:], "big")))
+                # A full send buffer is not waited for here, unlike the service's
+                # replies: the relay forwards a tunnel's traffic, and a downlink slower
+                # than that traffic would keep it full; queueing more would only delay
+                # the server's other work and the tunnel's packets (bufferbloat), while
+                # dropping is what a router does and what the tunnel's own congestion
+                # control expects. Bursts fit in the 4 MiB buffer; drops are counted.
                 try:
                     sock.sendto(data, to)
                 except OSError as e:
@@ -343,6 +349,7 @@ class Server:
         """Notifications other servers publish for clients whose mapping we hold."""
         from .store import Notice, StoreError
         store = self.service.store
+        room = mmsg.SendWait()
         for payload in store.notices():
             try:
                 notice = Notice.decode(payload)
@@ -352,7 +359,7 @@ class Server:
                 continue
             self.notices_received += 1
             self.notify_sent += self._send_notification(notice.destination, notice.datagram,
-                                                        notice.local)
+                                                        notice.local, room)
 
     def log_stats(self) -> None:
         stats = self.service.snapshot()
@@ -386,12 +393,13 @@ class Server:
         clock = self.clock
 
         def read() -> None:
+            room = mmsg.SendWait()  # for the notifications' full send buffer, per call
             # Bounded: after 16 full batches, give housekeeping and other sockets a turn.
             for _ in range(16):
                 n, _sent, failed = batch.exchange(fd, handle, clock(), bulk)
                 self.send_failed += failed
                 if self.service.v2 is not None:
-                    self.send_notifications()
+                    self.send_notifications(room)
                 if n < batch.size:
                     return
 
@@ -451,14 +459,17 @@ class Server:
                         log.debug("sendmsg to %s: %s", addr, e)
                     break
                 if v2 is not None and v2.outbox:  # right after the reply: punch together
-                    self.send_notifications()
+                    self.send_notifications(room)
 
         return read
 
-    def send_notifications(self) -> int:
+    def send_notifications(self, room: mmsg.SendWait | None = None) -> int:
         """Send the v2 notifications the service queued (or hand them to the server
-        holding the client's mapping); return how many were sent from here."""
+        holding the client's mapping); return how many were sent from here. A full send
+        buffer is waited for within ROOM (the caller's read call), or a SendWait of its
+        own."""
         sent = 0
+        room = room or mmsg.SendWait()
         store = self.service.store
         for n in self.service.drain_notifications():
             if n.server is not None and store is not None:
@@ -468,12 +479,14 @@ class Server:
                 else:
                     self.notify_failed += 1
                 continue
-            sent += self._send_notification(n.destination, n.datagram, n.local)
+            sent += self._send_notification(n.destination, n.datagram, n.local, room)
         self.notify_sent += sent
         return sent
 
-    def _send_notification(self, dest: bytes, datagram: bytes, local: bytes | None) -> int:
-        """Send DATAGRAM to DEST from LOCAL where possible; 1 if sent, else 0 (counted)."""
+    def _send_notification(self, dest: bytes, datagram: bytes, local: bytes | None,
+                           room: mmsg.SendWait | None = None) -> int:
+        """Send DATAGRAM to DEST from LOCAL where possible; 1 if sent, else 0 (counted).
+        A full send buffer is waited for within ROOM (not at all without one)."""
         fam = 4 if len(dest) == 6 else 6
         # the socket bound to the local address, else a wildcard one (with that
         # address as the source where known), else any socket of the family
@@ -496,13 +509,20 @@ class Server:
             to = (socket.inet_ntoa(dest[:4]), port)
         else:
             to = (socket.inet_ntop(socket.AF_INET6, dest[:16]), port, 0, 0)
-        try:
-            sock.sendmsg([datagram], cmsg, 0, to)
-        except OSError as e:
-            self.notify_failed += 1
-            log.debug("notify to %s: %s", to, e)
-            return 0
-        return 1
+        while True:
+            try:
+                sock.sendmsg([datagram], cmsg, 0, to)
+            except BlockingIOError:
+                if room is not None and room.wait(sock.fileno()):
+                    continue
+                self.notify_failed += 1
+                log.debug("notify to %s: the send buffer stays full", to)
+                return 0
+            except OSError as e:
+                self.notify_failed += 1
+                log.debug("notify to %s: %s", to, e)
+                return 0
+            return 1
 
     @staticmethod
     def _log_request(data: bytes, src: bytes, reply: bytes | None) -> None:
