@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,3 +158,24 @@ def shaped_pair(label: str, rate: str) -> Iterator[tuple[Netns, Netns]]:
         a.run(["tc", "qdisc", "add", "dev", "ws", "root", "tbf", "rate", rate,
                "burst", "1600", "limit", "16mb"])
         yield a, b
+
+
+@contextlib.contextmanager
+def slow_server(label: str, rate: str, server: object) -> Iterator[socket.socket]:
+    """SERVER (an unopened rendezvous.server.Server listening on 10.78.0.1) opened in A
+    of a :func:`shaped_pair`, its first socket's send buffer cut to the kernel's
+    minimum (a few datagrams), and a UDP socket of B's (10.78.0.2, any port) to talk to
+    it: what the server sends waits behind RATE. Both are closed at the end."""
+    with shaped_pair(label, rate) as (srv, cli):
+        with srv.entered():
+            server.open()  # type: ignore[attr-defined]
+        sock = server.sockets[0]  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
+        with cli.entered():
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("10.78.0.2", 0))
+        try:
+            yield c
+        finally:
+            c.close()
+            server.close()  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ import pytest
 
 from rendezvous.server import Server, ServerOptions, buffer_shortfall
 from rendezvous.service import Config, Service
-from tests.nstools import Netns, have, is_root, py_env, shaped_pair
+from tests.nstools import Netns, have, is_root, py_env, shaped_pair, slow_server
 
 A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
 IP_MTU_DISCOVER, IP_PMTUDISC_PROBE = 10, 3  # Linux; socket has them from Python 3.12
@@ -244,27 +244,17 @@ def test_buffer_shortfall_names_what_the_kernel_capped():
 def test_the_plain_path_waits_for_a_full_send_buffer_too():
     """--io plain, in process: 100 replies into the kernel's smallest send buffer (~8
     small datagrams) behind a 2 Mbit/s link all leave; before, ~90 were dropped."""
-    with shaped_pair("plain", "2mbit") as (srv, cli):
-        server = Server(Service(Config(rate=0)),
-                        ServerOptions(listen=[("10.78.0.1", 0)], io="plain"))
-        with srv.entered():
-            server.open()
+    server = Server(Service(Config(rate=0)),
+                    ServerOptions(listen=[("10.78.0.1", 0)], io="plain"))
+    with slow_server("plain", "2mbit", server) as c:
         sock = server.sockets[0]
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
-        with cli.entered():
-            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            c.bind(("10.78.0.2", 0))
-        try:
-            for _ in range(100):
-                c.sendto(random.randbytes(32) * 2, sock.getsockname())
-            time.sleep(0.2)  # one unshaped hop: all are queued by then
-            server._plain_reader(sock, pktinfo=False)()
-            assert server.send_failed == 0
-            c.settimeout(5)
-            assert [len(c.recv(64)) for _ in range(100)] == [6] * 100
-        finally:
-            c.close()
-            server.close()
+        for _ in range(100):
+            c.sendto(random.randbytes(32) * 2, sock.getsockname())
+        time.sleep(0.2)  # one unshaped hop: all are queued by then
+        server._plain_reader(sock, pktinfo=False)()
+        assert server.send_failed == 0
+        c.settimeout(5)
+        assert [len(c.recv(64)) for _ in range(100)] == [6] * 100
 
 
 def test_only_the_service_sockets_send_atomic_datagrams():

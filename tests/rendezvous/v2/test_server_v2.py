@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from rendezvous.v2.crypto import ClientCrypto
 from rendezvous.v2.keys import decode_key, encode_key, generate_private_key
 from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody, Status
-from tests.nstools import have, is_root, py_env, shaped_pair
+from tests.nstools import have, is_root, py_env, slow_server
 
 _ADDR = re.compile(r"(?:\[([0-9a-f:]+)\]|([\d.]+)):(\d+)")
 
@@ -312,41 +312,30 @@ def test_a_notification_behind_a_full_send_buffer_waits_for_room():
 
     crypto = ServerCrypto(generate_private_key())
     service = Service(Config(rate=0), crypto)
-    with shaped_pair("notify", "300kbit") as (srv, cli):
-        server = Server(service, ServerOptions(listen=[("10.78.0.1", 0)]))
-        with srv.entered():
-            server.open()
+    server = Server(service, ServerOptions(listen=[("10.78.0.1", 0)]))
+    with slow_server("notify", "300kbit", server) as ca:
         sock = server.sockets[0]
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the minimum
-        with cli.entered():
-            ca = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            ca.bind(("10.78.0.2", 0))
-        try:
-            a, b = (ClientCrypto(generate_private_key(), crypto.server_public)
-                    for _ in range(2))
-            wall = time.time_ns()
-            src_a = socket.inet_aton("10.78.0.2") + ca.getsockname()[1].to_bytes(2, "big")
-            src_b = socket.inet_aton("10.78.0.2") + (5000).to_bytes(2, "big")
-            service.handle(a.seal_request(RequestBody(wall, 1, b.client_public)), src_a, 0.0,
-                           None, wall)
-            filled = 0
-            while True:  # replies still on their way to A hold the buffer
-                try:
-                    sock.sendto(b"x" * 1000, ca.getsockname())
-                except BlockingIOError:
-                    break
-                filled += 1
-            service.handle(b.seal_request(RequestBody(wall, 1, a.client_public)), src_b, 0.0,
-                           None, wall)
-            assert server.send_notifications() == 1
-            assert server.notify_failed == 0 and server.notify_sent == 1
-            ca.settimeout(5)
-            got = [ca.recv(2048) for _ in range(filled + 1)]
-            assert filled >= 1 and got[:filled] == [b"x" * 1000] * filled
-            assert isinstance(a.open(got[-1]), NotifyBody)
-        finally:
-            ca.close()
-            server.close()
+        a, b = (ClientCrypto(generate_private_key(), crypto.server_public) for _ in range(2))
+        wall = time.time_ns()
+        src_a = socket.inet_aton("10.78.0.2") + ca.getsockname()[1].to_bytes(2, "big")
+        src_b = socket.inet_aton("10.78.0.2") + (5000).to_bytes(2, "big")
+        service.handle(a.seal_request(RequestBody(wall, 1, b.client_public)), src_a, 0.0,
+                       None, wall)
+        filled = 0
+        while True:  # datagrams still on their way to A hold the buffer
+            try:
+                sock.sendto(b"x" * 1000, ca.getsockname())
+            except BlockingIOError:
+                break
+            filled += 1
+        service.handle(b.seal_request(RequestBody(wall, 1, a.client_public)), src_b, 0.0,
+                       None, wall)
+        assert server.send_notifications() == 1
+        assert server.notify_failed == 0 and server.notify_sent == 1
+        ca.settimeout(5)
+        got = [ca.recv(2048) for _ in range(filled + 1)]
+        assert filled >= 1 and got[:filled] == [b"x" * 1000] * filled
+        assert isinstance(a.open(got[-1]), NotifyBody)
 
 
 def test_probe_port_answers_v2_self_requests_with_observed(tmp_path):
