@@ -44,7 +44,7 @@ from typing import NamedTuple
 from .classic import KEY_LEN, REPLY_LEN, REQUEST_LEN, ZERO_KEY
 from .service import Service
 
-__all__ = ["ClassicBatch", "PackedReplies"]
+__all__ = ["ClassicBatch", "PackedReplies", "split_keys"]
 
 _RECORD = 8  # one reply: a big-endian 64-bit word whose last 6 bytes are the endpoint
 _FOUND_LEN = {0: 0}.get  # value -> reply length: 0 for an absent key (value 0), else 6
@@ -75,6 +75,15 @@ def _formats(n: int) -> _Formats:
                        struct.Struct("4s2x" * n),
                        struct.Struct(f">{n}Q"))
     return f
+
+
+def split_keys(requests: bytes | bytearray | memoryview) -> tuple[tuple[bytes, ...],
+                                                               tuple[bytes, ...]]:
+    """The ``my_pubkey`` and the ``their_pubkey`` of each of the ``len(requests) // 64``
+    classic requests back to back, with one C-level pass each."""
+    n = len(requests) // REQUEST_LEN
+    mine_fmt, theirs_fmt, _, _ = _FORMATS.get(n) or _formats(n)
+    return mine_fmt.unpack_from(requests), theirs_fmt.unpack_from(requests)
 
 
 class ClassicBatch:

@@ -23,6 +23,7 @@ Differences from the upstream example, on purpose:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .classic import KEY_LEN, REQUEST_LEN, ZERO_KEY
@@ -122,8 +123,8 @@ class Service:
         c.found += 1
         return endpoint
 
-    def shared_lookups(self, keys: list[bytes], endpoints: bytes | bytearray,
-                       lookups: list[bytes]) -> list[bytes | None]:
+    def shared_lookups(self, keys: Sequence[bytes], endpoints: bytes | bytearray,
+                       lookups: Sequence[bytes]) -> list[bytes | None]:
         """Write KEYS at ENDPOINTS (6 bytes each, back to back) to the store and read
         LOOKUPS from it, in one round trip; None for a key the store does not hold, or
         for all of them when the store is unavailable or answers nonsense (counted; the

@@ -19,8 +19,8 @@ which does a round trip per request.
 
 from __future__ import annotations
 
-from .batch import ClassicBatch, PackedReplies
-from .classic import KEY_LEN, REPLY_LEN, REQUEST_LEN
+from .batch import ClassicBatch, PackedReplies, split_keys
+from .classic import REPLY_LEN, REQUEST_LEN
 from .service import Service
 
 __all__ = ["SharedBatch"]
@@ -39,9 +39,7 @@ class SharedBatch:
         if res is None or not res.records:
             return res
         n = len(requests) // REQUEST_LEN
-        reqs = bytes(requests)
-        mine = [reqs[i:i + KEY_LEN] for i in range(0, len(reqs), REQUEST_LEN)]
-        theirs = [reqs[i + KEY_LEN:i + REQUEST_LEN] for i in range(0, len(reqs), REQUEST_LEN)]
+        mine, theirs = split_keys(requests)
         remote = self.service.shared_lookups(mine, sources, theirs)
         if not any(r is not None for r in remote):
             return res

@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from rendezvous.batch import ClassicBatch, PackedReplies
+from rendezvous.batch import ClassicBatch, PackedReplies, split_keys
 from rendezvous.classic import ZERO_KEY
 from rendezvous.service import Config, Service
 
@@ -227,3 +227,11 @@ def test_in_place_and_moving_refreshes_leave_the_same_order() -> None:
     assert state(fast) == state(slow)
     assert list(fast.registry._d) == [C, A, B, E]
     assert fast.handle(D + A, SRC, 1.7) == SRC
+
+
+def test_split_keys_gives_each_request_s_two_keys_in_order():
+    reqs = [(bytes([i]) * 32, bytes([100 + i]) * 32) for i in range(5)]
+    mine, theirs = split_keys(b"".join(m + t for m, t in reqs))
+    assert list(mine) == [m for m, _ in reqs] and list(theirs) == [t for _, t in reqs]
+    assert split_keys(memoryview(bytearray(64))) == ((bytes(32),), (bytes(32),))
+    assert split_keys(b"") == ((), ())
