@@ -168,10 +168,10 @@ class ClientV2(Client):
         verdict = self._check_nat(self.device, self.wg_port, machine.stamp(time.time_ns()))
         machine.stamped_elsewhere(self.probe_next_ts)
         self.nat_checks += 1
-        if verdict is not None and verdict.nat.mapping is Mapping.UNKNOWN and old is not None:
-            verdict = None  # an unanswered probe says nothing against a verdict we have
+        if verdict is not None and verdict.nat.mapping is Mapping.UNKNOWN:
+            verdict = None  # an unanswered probe says nothing: the verdict stays
         changed = verdict is not None and (old is None or verdict.nat != old.nat)
-        recheck.checked(time.monotonic(), changed)
+        recheck.checked(now, changed)
         why = ("a peer has had our endpoint for %.0f s without a handshake" % (now - stuck)
                if stuck is not None else "the periodic check")
         if not changed or verdict is None:
@@ -179,7 +179,7 @@ class ClientV2(Client):
             return
         self.nat_verdict = verdict
         self.nat_changes += 1
-        machine.set_nat(verdict.code, time.monotonic())
+        machine.set_nat(verdict.code, now)
         log.info("NAT (this host, IPv%d) checked again (%s): now %s, was %s; %s (%s); "
                  "telling the peers", self._nat_family(), why, verdict.nat,
                  old.nat if old is not None else "unknown", advice(verdict.nat),

@@ -94,6 +94,9 @@ def test_an_unanswered_failed_or_unchanged_check_keeps_the_verdict(second):
     assert c.nat_verdict == EASY and c.machine.nat == EASY.code
     c._maybe_recheck(90.0)  # backed off: 60 s after the last check
     assert len(c.probes) == 1
+    c.verdicts.append(EASY)
+    c._maybe_recheck(91.0)
+    assert len(c.probes) == 2
 
 
 def test_no_check_without_a_stuck_peer_until_the_periodic_one():
@@ -102,3 +105,13 @@ def test_no_check_without_a_stuck_peer_until_the_periodic_one():
     assert c.probes == []
     c._maybe_recheck(1800.0)
     assert len(c.probes) == 1
+
+
+def test_after_a_failed_check_at_start_an_unanswered_one_is_no_change_a_real_one_is():
+    c = stuck_client([SILENT, HARD])
+    c.nat_verdict = None
+    c.machine.nat = 0
+    c._maybe_recheck(31.0)
+    assert c.nat_verdict is None and c.nat_changes == 0 and c.machine.nat == 0
+    c._maybe_recheck(91.0)
+    assert c.nat_verdict == HARD and c.nat_changes == 1 and c.machine.nat == HARD.code
