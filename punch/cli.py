@@ -191,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to tell address-dependent mappings apart too")
     p.add_argument("--nat-recheck", type=_nonneg_float, default=30.0, metavar="S",
                    help="v2 --daemon with --probe-port: check this host's NAT again when a "
-                        "peer has had our endpoint for S seconds without a handshake (then "
-                        "at 2x, 4x ... at most 16x S apart while that lasts) and every 30 "
-                        "minutes anyway, and tell the peers a verdict that changed (the "
-                        "host moved, or one check was fooled); 0: never (default 30)")
+                        "peer has waited S seconds for a handshake after we set its "
+                        "endpoint, or its last one is over 3 minutes old with keepalive on "
+                        "(then at 2x, 4x ... at most 16x S apart while that lasts), and "
+                        "every 30 minutes anyway; tell the peers a verdict that changed "
+                        "(the host moved, or one check was fooled); 0: never (default 30)")
     p.add_argument("--no-spray", dest="spray", action="store_false",
                    help="v2: never spray (see --spray-count)")
     p.add_argument("--spray-count", type=_spray_count, default=512, metavar="N",

@@ -160,8 +160,8 @@ class Recheck:
     from a small port block happened to draw the same port for both probes. A hard NAT
     believed easy costs the direct tunnel, since nobody sprays for it. So:
 
-    - while some peer has had a direct endpoint of ours for AFTER seconds without a
-      handshake (``stuck_since``), check again, then after 2, 4, 8 and at most 16 x
+    - while some peer has waited AFTER seconds for a working tunnel (``stuck_since``,
+      see :meth:`punch.v2machine.PunchV2.stuck_since`), check again, then after 2, 4, 8 and at most 16 x
       AFTER between checks while that lasts; a check that finds a change, or a time
       when no peer is stuck, starts the spacing from AFTER again;
     - and every EVERY seconds in any case.

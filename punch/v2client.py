@@ -172,7 +172,7 @@ class ClientV2(Client):
             verdict = None  # an unanswered probe says nothing: the verdict stays
         changed = verdict is not None and (old is None or verdict.nat != old.nat)
         recheck.checked(now, changed)
-        why = ("a peer has had our endpoint for %.0f s without a handshake" % (now - stuck)
+        why = ("a peer has waited %.0f s for a working tunnel" % (now - stuck)
                if stuck is not None else "the periodic check")
         if not changed or verdict is None:
             log.debug("NAT checked again (%s): unchanged", why)

@@ -195,6 +195,11 @@ class _Ask:
                                # we are registered there, which the peer needs
 
 
+# A handshake older than this, with keepalive on, means the tunnel is broken (WireGuard
+# renews the session every REKEY_AFTER_TIME = 120 s while it sends; 180 s leaves room).
+STALE_HANDSHAKE = 180.0
+
+
 @dataclass
 class PeerState:
     key: bytes
@@ -579,12 +584,25 @@ class PunchV2:
         return len(self._inflight)
 
     def stuck_since(self) -> float | None:
-        """Since when the longest-waiting peer has had a direct endpoint we set and no
-        handshake after it (None: no peer waits so). What a NAT re-check waits on."""
-        return min((st.applied_at for st in self.peers.values()
-                    if st.applied is not None and st.applied_at is not None
-                    and st.relay is None and not st.handshake_after(st.applied_at)),
-                   default=None)
+        """Since when the longest-waiting direct peer has had no working tunnel (None: no
+        peer waits). What a NAT re-check waits on. A peer waits when it has had a direct
+        endpoint we set and no handshake after it, or (a tunnel that broke, e.g. because
+        our NAT changed under it) when its keepalive is on and its latest handshake is
+        more than STALE_HANDSHAKE seconds old: WireGuard makes a new one at least every
+        two minutes while it sends, and keepalives are sent."""
+        times = []
+        for st in self.peers.values():
+            if st.relay is not None:
+                continue
+            if (st.applied is not None and st.applied_at is not None
+                    and not st.handshake_after(st.applied_at)):
+                times.append(st.applied_at)
+                continue
+            view = st.view
+            if (view is not None and view.keepalive and view.handshake_age is not None
+                    and view.handshake_age > STALE_HANDSHAKE):
+                times.append(st.view_at - view.handshake_age + STALE_HANDSHAKE)
+        return min(times, default=None)
 
     def before_apply(self, now: float, view: PeerView) -> None:
         """WireGuard's peer as read right before the IPv6 endpoint just decided on is

@@ -79,7 +79,7 @@ def test_a_changed_verdict_goes_to_the_machine_and_out_at_once(caplog):
         c._maybe_recheck(30.5)
     assert len(c.probes) == 1 and c.nat_checks == c.nat_changes == 1
     assert c.nat_verdict == HARD and m.nat == HARD.code
-    assert "checked again (a peer has had our endpoint for 30 s without a handshake): now " \
+    assert "checked again (a peer has waited 30 s for a working tunnel): now " \
            "address-and-port-dependent" in caplog.text
     # the machine's timestamps go on after the probe's; the new byte goes out now
     [send] = m.poll(30.6, WALL)

@@ -702,6 +702,24 @@ def test_stuck_since_is_the_oldest_direct_endpoint_without_a_handshake_after_it(
     assert m.stuck_since() is None
 
 
+def test_a_tunnel_whose_handshakes_stopped_is_stuck_too():
+    """Our endpoint worked (a handshake after it), then handshakes stopped: with keepalive
+    on, a latest handshake over 180 s old means the tunnel broke (e.g. our NAT changed);
+    without keepalive, WireGuard sends nothing when idle and old handshakes are normal."""
+    m = machine(nat=EASY, daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.5, found_nat(s, EASY, A4), 4)
+    ep = ("198.51.100.7", 40001)
+    m.update_device(10.0, dev(PeerView(P1, ep, handshake_age=5.0, keepalive=25)))
+    assert m.stuck_since() is None
+    m.update_device(190.0, dev(PeerView(P1, ep, handshake_age=180.0, keepalive=25)))
+    assert m.stuck_since() is None
+    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, keepalive=25)))
+    assert m.stuck_since() == pytest.approx(190.0)  # since the handshake turned 180 s old
+    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, keepalive=0)))
+    assert m.stuck_since() is None
+
+
 def test_timestamps_used_elsewhere_are_skipped():
     m = machine()
     m.stamped_elsewhere(WALL + 500)
