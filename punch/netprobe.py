@@ -86,6 +86,8 @@ class V2Exchange:
         self.crypto, self.my_key, self.nat = crypto, my_key, nat
         self._next_ts = first_timestamp  # a running client's next timestamp
         self._ids: dict[str, int] = {}
+        self.issued: set[int] = set()  # every request id sent (their replies may also
+                                       # reach a running client's own raw socket)
 
     def request(self, role: str) -> bytes:
         import secrets
@@ -98,6 +100,7 @@ class V2Exchange:
         while rid == 0:
             rid = secrets.randbits(32)
         self._ids[role] = rid
+        self.issued.add(rid)
         return self.crypto.seal_request(RequestBody(ts, rid, self.my_key, nat=self.nat))
 
     def observed(self, role: str, payload: bytes) -> Addr | None:

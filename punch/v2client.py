@@ -55,6 +55,7 @@ class ClientV2(Client):
         self.nat_checks = 0                      # NAT checks after the one at start
         self.nat_changes = 0                     # ... that found another verdict
         self.probe_next_ts = 0                   # after a NAT check: our next timestamp
+        self.probe_ids: set[int] = set()         # ... and its request ids
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
@@ -148,6 +149,7 @@ class ClientV2(Client):
             return None
         finally:
             self.probe_next_ts = exchange.next_timestamp
+            self.probe_ids = exchange.issued
         return decide(obs)
 
     def _maybe_recheck(self, now: float) -> None:
@@ -291,6 +293,12 @@ class ClientV2(Client):
                 log.debug("relay over IPv%d: peer %s at %s", channel.family,
                           short_key(body.peer), body.relay)
                 actions = machine.on_relay(now, body)
+            elif body.request_id in self.probe_ids:
+                # The NAT check's reply from the server's usual port, which reaches this
+                # socket too (the check reads it from its own): not a request of ours.
+                log.debug("reply over IPv%d: id %08x, the NAT check's", channel.family,
+                          body.request_id)
+                continue
             else:
                 log.debug("reply over IPv%d: id %08x %s", channel.family, body.request_id,
                           body.status.name.lower())

@@ -195,6 +195,9 @@ def test_a_daemon_whose_nat_turned_symmetric_checks_again_and_gets_its_tunnel(
     assert "NAT (this host, IPv4): endpoint-independent mapping, port preserved" in b_err
     assert re.search(r"NAT \(this host, IPv4\) checked again \(a peer has waited \d+ s for a "
                      r"working tunnel\): now address-and-port-dependent", b_err), b_err
+    # the check's reply that also reached Bob's own raw socket is not an unknown reply
+    assert re.search(r"counters: .* unknown=0 .*nat_checks=[1-9]\d* nat_changes=1 ", b_err), \
+        b_err
     hard_pub = lab.info["PUB_B"]
     assert f"sprayed 512 empty datagrams to {hard_pub} ports" in a_err, a_err
     # Alice's WireGuard followed Bob's handshake to the port his NAT picked for her
