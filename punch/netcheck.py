@@ -161,9 +161,9 @@ class Recheck:
     believed easy costs the direct tunnel, since nobody sprays for it. So:
 
     - while some peer has waited AFTER seconds for a working tunnel (``stuck_since``,
-      see :meth:`punch.v2machine.PunchV2.stuck_since`), check again, then after 2, 4, 8 and at most 16 x
-      AFTER between checks while that lasts; a check that finds a change, or a time
-      when no peer is stuck, starts the spacing from AFTER again;
+      see :meth:`punch.v2machine.PunchV2.stuck_since`), check again, then after 2, 4,
+      8 and at most 16 x AFTER between checks while that lasts; a check that finds a
+      change, or a time when no peer waits, starts the spacing from AFTER again;
     - and every EVERY seconds in any case.
     """
 
@@ -180,7 +180,7 @@ class Recheck:
 
     def due(self, now: float, stuck_since: float | None) -> bool:
         """Is a check due at NOW? STUCK_SINCE: since when the longest-waiting peer has
-        had our direct endpoint without a handshake (None: no peer waits)."""
+        waited for a working tunnel (None: no peer waits)."""
         if self.last is None:
             return False
         if now - self.last >= self.every:

@@ -107,7 +107,7 @@ class ClientV2(Client):
         """Probe this host's NAT (over IPv4 when the server has an IPv4 address: that is
         the NAT that matters; else over IPv6) before the first request; the nat byte
         every request then carries. A probe that fails leaves the verdict unknown."""
-        from .netcheck import Recheck, advice
+        from .netcheck import advice
 
         verdict = self._check_nat(device, device.listen_port)
         if self.opts.daemon and self.opts.nat_recheck > 0:

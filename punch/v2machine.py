@@ -43,10 +43,11 @@ the peer's WireGuard initiates to our known endpoint and ours follows it (roamin
 Once per endpoint applied; an endpoint we set earlier and keep is sprayed for once
 the verdicts call for it (one changed since, e.g. the peer checked its NAT again and it
 is hard after all) if it has given no handshake yet; only ever toward the address the
-server reported; never when either verdict is unknown; off with ``spray=None``. The hard side, for its part, waits
-``spray_hold`` seconds before it applies the easy peer's endpoint (its WireGuard then
-initiates at once), so that its first handshake arrives after the peer's spray rather
-than racing it and being retried by WireGuard only 5 s later.
+server reported; never when either verdict is unknown; off with ``spray=None``. The
+hard side, for its part, waits ``spray_hold`` seconds before it applies the easy peer's
+endpoint (its WireGuard then initiates at once), so that its first handshake arrives
+after the peer's spray rather than racing it and being retried by WireGuard only 5 s
+later.
 
 Notify. The server's notify is the coordinated punch: it is acted on at once, but
 only if its ``server_time`` is newer than that of the last notify accepted for that
