@@ -200,7 +200,8 @@ class ClientV2(Client):
                 f"nat_changes={self.nat_changes} "
                 f"ignored_packets={ignored} families={fams} failed_channels={self.failed_channels}"
                 + (f" relay_asked={c.relay_asked} relay_offers={c.relay_offers} "
-                   f"relay_old={c.relay_old} binds={c.binds} bind_failed={self.bind_failed} "
+                   f"relay_old={c.relay_old} relay_declined={c.relay_declined} "
+                   f"binds={c.binds} bind_failed={self.bind_failed} "
                    f"upgrade_tries={c.upgrade_tries} upgrades={c.upgrades} paths="
                    + ",".join(f"{short_key(st.key)}:{st.path or 'none'}"
                               for st in self.machine.peers.values())

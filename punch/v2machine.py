@@ -72,7 +72,11 @@ handshake, or received bytes: any packet that came through the relay would have 
 WireGuard's endpoint back to the relay); then the peer is direct and the relay is let
 go (it expires at the server when idle). Otherwise the relay endpoint is applied again.
 A relayed peer whose WireGuard roams by itself to an endpoint that is not the relay
-(the peer's try reached us directly) is direct too.
+(the peer's try reached us directly) is direct too, and so is one whose WireGuard roams
+during a try to neither the relay nor the endpoint tried, having heard from the peer
+(a symmetric NAT picked another port toward us than toward the server). The verdicts shape a try as they
+shape the first punch: the easy side sprays with it, and the hard side starts its try
+``spray_hold`` seconds late, after the easy peer's (whose tries keep the same pace).
 """
 
 from __future__ import annotations
@@ -229,6 +233,7 @@ class PeerState:
     relay_wanted: bool = False         # our requests for the peer carry FLAG_RELAY
     relay_why: str = "asked for by the peer"
     relay: Endpoint | None = None      # the relay endpoint we use (None: direct)
+    left_relay: Endpoint | None = None  # the relay we left for a direct path that works
     relay_time: int = -1               # server_time of the last relay message accepted
     relayed_at: float = 0.0            # when we went to the relay
     next_bind: float | None = None
@@ -289,6 +294,7 @@ class Counters:
     relay_asked: int = 0   # peers we asked a relay for
     relay_offers: int = 0  # relay messages accepted
     relay_old: int = 0     # relay messages not newer than the last accepted (or relay off)
+    relay_declined: int = 0  # offers of the relay we left while the direct path works
     binds: int = 0
     upgrade_tries: int = 0
     upgrades: int = 0      # relayed peers moved to a direct endpoint
@@ -468,6 +474,15 @@ class PunchV2:
             self.counters.relay_old += 1
             return []
         st.relay_time = body.server_time
+        view = st.view
+        if (st.relay is None and st.left_relay == body.relay and view is not None
+                and view.endpoint is not None and not same_endpoint(view.endpoint, body.relay)):
+            # We left this relay for a direct path that works, and WireGuard still uses
+            # it: the offer comes from the peer's routine requests while it is relayed
+            # (it has not heard us directly yet). Packets from the peer through the relay
+            # would move WireGuard to the relay, and the next offer is taken then.
+            self.counters.relay_declined += 1
+            return []
         self.counters.relay_offers += 1
         self.replied = True
         r = self.relay
@@ -585,15 +600,16 @@ class PunchV2:
         return len(self._inflight)
 
     def stuck_since(self) -> float | None:
-        """Since when the longest-waiting direct peer has had no working tunnel (None: no
-        peer waits). What a NAT re-check waits on. A peer waits when it has had a direct
-        endpoint we set and no handshake after it, or (a tunnel that broke, e.g. because
-        our NAT changed under it) when its keepalive is on and its latest handshake is
-        more than STALE_HANDSHAKE seconds old: WireGuard makes a new one at least every
-        two minutes while it sends, and keepalives are sent."""
+        """Since when the longest-waiting peer has had no working direct tunnel (None: no
+        peer waits). What a NAT re-check waits on. A peer waits while it is relayed; when
+        it has had a direct endpoint we set and no handshake after it; and (a tunnel that
+        broke, e.g. because our NAT changed under it) when its keepalive is on and its
+        latest handshake is more than STALE_HANDSHAKE seconds old: WireGuard makes a new
+        one at least every two minutes while it sends, and keepalives are sent."""
         times = []
         for st in self.peers.values():
-            if st.relay is not None:
+            if st.relay is not None:  # relayed: no direct tunnel yet
+                times.append(st.relayed_at)
                 continue
             if (st.applied is not None and st.applied_at is not None
                     and not st.handshake_after(st.applied_at)):
@@ -852,6 +868,17 @@ class PunchV2:
             if view is not None and same_endpoint(view.endpoint, st.relay):
                 # WireGuard roamed back: a packet came through the relay meanwhile
                 out.append(self._revert(st, now, "WireGuard went back to the relay"))
+            elif (view is not None and view.endpoint is not None
+                  and st.view_at > st.trying_since
+                  and not same_endpoint(view.endpoint, st.trying)
+                  and self._try_heard(st)):
+                # WireGuard roamed during the try to neither the relay nor the endpoint
+                # we try: the peer's packets came straight from there (a symmetric NAT
+                # picked that port for us, and our spray let them in).
+                ep = Endpoint(*view.endpoint)
+                out.append(self._upgraded(st, ep, now, f"WireGuard roamed to {ep} during "
+                                                       "the try: direct, off the relay",
+                                          st.trying_since))
             elif now >= st.trying_since + r.upgrade_window:
                 if self._try_proven(st):
                     out.append(self._upgraded(st, st.trying, now,
@@ -864,12 +891,20 @@ class PunchV2:
             return out
         if st.upgrade_at is not None and now >= st.upgrade_at and st.endpoints:
             direct = self._choose(st)
+            hold = self._spray_wait(st, direct, now)
+            if hold is not None:  # hard side, easy peer: its spray goes first, as at start
+                st.upgrade_at = hold
+                return out
+            st.spray_wait = None  # the next try waits again
             st.upgrade_at = None
             st.trying, st.trying_since = direct, now
             st.trying_rx = view.rx_bytes if view is not None else 0
             self.counters.upgrade_tries += 1
             out.append(self._apply(st, direct, f"trying the direct path for "
                                                f"{r.upgrade_window:g}s (relay {st.relay})", now))
+            spray = self._spray(st, direct)  # easy side, hard peer: as for any endpoint set
+            if spray is not None:
+                out.append(spray)
         return out
 
     def _relay_due(self, st: PeerState, now: float) -> bool:
@@ -895,19 +930,38 @@ class PunchV2:
         if ask.inflight is None:
             ask.due = now
 
+    def _try_heard(self, st: PeerState) -> bool:
+        """Has WireGuard authenticated something from the peer since the try began?"""
+        view = st.view
+        return view is not None and (st.handshake_after(st.trying_since)
+                                     or view.rx_bytes > st.trying_rx)
+
     def _try_proven(self, st: PeerState) -> bool:
         view = st.view
         if view is None or st.trying is None or not same_endpoint(view.endpoint, st.trying):
             return False
-        return st.handshake_after(st.trying_since) or view.rx_bytes > st.trying_rx
+        return self._try_heard(st)
 
-    def _upgraded(self, st: PeerState, endpoint: Endpoint, now: float, reason: str) -> Apply:
+    def _upgraded(self, st: PeerState, endpoint: Endpoint, now: float, reason: str,
+                  heard_since: float | None = None) -> Apply:
+        """Direct at ENDPOINT, off the relay; HEARD_SINCE: the peer was heard directly
+        after that time (it counts as when the endpoint was set, see stuck_since)."""
+        st.left_relay = st.relay
         st.relay, st.trying, st.relay_wanted = None, None, False
         st.relay_why = "asked for by the peer"
         st.next_bind = st.upgrade_at = None
         self.counters.upgrades += 1
         action = self._apply(st, endpoint, reason, now)
         st.punch_since = None
+        answer = st.answer
+        if answer is not None and answer != endpoint and answer.family == endpoint.family:
+            # WireGuard roamed to where the peer's packets come from, not the endpoint the
+            # server reports (a symmetric NAT picked another port toward us). Keep the
+            # reported one as what we applied, as after a spray at start, so the next
+            # answer (the same report) is not taken for a move that undoes the roam.
+            st.applied = answer
+        if heard_since is not None:
+            st.applied_at = heard_since
         return action
 
     def _revert(self, st: PeerState, now: float, why: str) -> Apply:

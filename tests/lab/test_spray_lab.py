@@ -23,6 +23,7 @@ from tests.lab.lablib import Lab
 pytestmark = pytest.mark.lab
 
 PROBE_PORT = 49919
+RELAY_PORT = "49920"
 BLOCK = (40000, 40255)
 RUNS = 3
 LIMIT = 10.0  # seconds from the second client's start to a handshake on both sides
@@ -205,3 +206,48 @@ def test_a_daemon_whose_nat_turned_symmetric_checks_again_and_gets_its_tunnel(
     assert ip == hard_pub and BLOCK[0] <= int(port) <= BLOCK[1]
     assert "checked again" not in a_err.replace("NAT checked again", "")  # hers: unchanged
     assert lab.ping("bob", lab.info["ALICE_TUN"], count=1)
+
+
+def test_with_a_relay_the_pair_goes_direct_once_the_re_check_finds_the_nat_hard(
+        make_lab, tmp_path) -> None:
+    """The same turn of Bob's NAT, with a relay at the server: with no handshake after
+    --relay-after, both sides go to the relay. Bob's re-check finds his NAT hard (a
+    relayed peer has no direct tunnel yet, so it counts as waiting); on her next try of
+    the direct path Alice sprays, and Bob starts his try after hers: the pair leaves the
+    relay for the direct path."""
+    lab = make_lab("cone", "cone", v2=True, probe_port=PROBE_PORT)
+    server = lab.start_server("--relay-port", RELAY_PORT)
+    args = ("--daemon", "--interval", "4", "--nat-recheck", "4", "--relay-after", "3",
+            "--relay-upgrade", "5")
+    b = lab.punch("bob", *args, "--state-dir", str(tmp_path / "b"))
+    time.sleep(2)  # Bob's check at start is done
+    _turn_symmetric(lab, "b")
+    a = lab.punch("alice", *args, "--state-dir", str(tmp_path / "a"))
+    relay = f"{lab.server}:{RELAY_PORT}"
+    hard_pub = lab.info["PUB_B"]
+    deadline = time.monotonic() + 60
+    direct = False
+    while time.monotonic() < deadline and not direct:
+        time.sleep(1)
+        ip, port = lab.endpoint("alice").rsplit(":", 1)
+        if (ip == hard_pub and BLOCK[0] <= int(port) <= BLOCK[1]
+                and lab.endpoint("bob") == f"{lab.info['PUB_A']}:51820"):
+            # each at the other's public address: a ping through the tunnel now can
+            # only go the direct way (a packet through the relay moves WireGuard back)
+            direct = lab.ping("alice", lab.info["BOB_TUN"], count=1)
+    time.sleep(6)  # past the try's window: the try is judged
+    _, b_err = lab.stop(b)
+    _, a_err = lab.stop(a)
+    lab.stop(server)
+    assert direct, f"not direct:\n--- bob\n{b_err}\n--- alice\n{a_err}"
+    for err in (a_err, b_err):
+        assert f"endpoint {relay} (relay (" in err, err  # relayed first
+    assert "off the relay" in a_err + b_err, a_err + b_err  # then direct
+    # and it stays so: no relay offer pulls a side back, no re-ask undoes a roam
+    for err in (a_err, b_err):
+        tail = err[err.rindex("off the relay"):]
+        assert "(relay (" not in tail and "peer moved" not in tail, err
+    assert re.search(r"checked again \(a peer has waited \d+ s for a working tunnel\): now "
+                     r"address-and-port-dependent", b_err), b_err
+    assert f"sprayed 512 empty datagrams to {hard_pub} ports" in a_err, a_err
+    assert lab.ping("alice", lab.info["BOB_TUN"], count=1)

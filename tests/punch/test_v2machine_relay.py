@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from punch.policy import DeviceView, PeerView, Timing
-from punch.v2machine import Apply, Bind, PunchV2, RelayTiming, Send
+from punch.v2machine import Apply, Bind, PunchV2, RelayTiming, Send, Spray, SprayConfig
 from rendezvous.v2.wire import FLAG_RELAY, Endpoint, RelayBody, ReplyBody
 from rendezvous.v2.wire import Status as S
 
@@ -227,3 +229,97 @@ def test_roaming_needs_a_device_read_after_the_relay_was_set() -> None:
     device(m, 11.0, ep=other, hs_at=10.1)
     [up] = [a for a in m.poll(11.0, WALL) if isinstance(a, Apply)]
     assert up.endpoint == other and "roamed" in up.reason
+
+
+# -- the verdicts shape the tries of the direct path ---------------------------------------
+
+EASY, HARD = 0x12, 0x04  # endpoint-independent + port preserved; symmetric
+
+
+def _peer_verdict(m: PunchV2, now: float, nat: int) -> None:
+    """The daemon's next re-ask; the answer carries the peer's NAT byte NAT."""
+    [s] = [a for a in m.poll(now, WALL) if isinstance(a, Send)]
+    assert m.on_reply(now + 0.05, ReplyBody(s.body.request_id, S.FOUND, WALL, ME4, (B4,),
+                                            nat), 4) == []  # relayed: the answer waits
+    assert m.peers[P1].peer_nat == nat
+
+
+def test_the_easy_side_sprays_with_each_try_of_the_direct_path() -> None:
+    m = machine(nat=EASY, spray=SprayConfig(count=100, rate=1000.0))
+    relayed(m)  # the peer's verdict unknown then: no spray with the first punch
+    assert m.counters.sprays == 0
+    _peer_verdict(m, 20.3, HARD)  # the peer checked its NAT again: hard
+    device(m, 21.0, ep=R, hs_at=20.5, rx=1000)
+    out = [a for a in m.poll(40.3, WALL) if isinstance(a, (Apply, Spray))]
+    assert [type(a) for a in out] == [Apply, Spray] and out[0].endpoint == B4
+    assert out[1] == Spray(P1, B4.ip, range(B4.port - 50, B4.port + 50), 1000.0)
+    m.poll(45.4, WALL)  # the try failed: back to the relay; the next try sprays again
+    out = [a for a in m.poll(105.5, WALL) if isinstance(a, (Apply, Spray))]
+    assert [type(a) for a in out] == [Apply, Spray] and m.counters.sprays == 2
+
+
+def test_the_hard_side_starts_each_try_after_the_easy_peer_s_spray() -> None:
+    m = machine(nat=HARD, spray_hold=0.3)
+    relayed(m)
+    _peer_verdict(m, 20.3, EASY)
+    device(m, 21.0, ep=R, hs_at=20.5, rx=1000)
+    assert not [a for a in m.poll(40.3, WALL) if isinstance(a, Apply)]  # due, held
+    assert m.next_wakeup() == pytest.approx(40.6)
+    [t] = [a for a in m.poll(40.6, WALL) if isinstance(a, Apply)]
+    assert t.endpoint == B4 and "trying the direct path" in t.reason
+    assert m.counters.sprays == 0
+    m.poll(45.7, WALL)  # failed: back to the relay, the next try 60 s later, held again
+    assert not [a for a in m.poll(105.8, WALL) if isinstance(a, Apply)]
+    [t2] = [a for a in m.poll(106.1, WALL) if isinstance(a, Apply)]
+    assert t2.endpoint == B4
+
+
+def test_a_relayed_peer_waits_for_a_direct_tunnel() -> None:
+    m = machine()
+    relayed(m)
+    assert m.stuck_since() == pytest.approx(10.25)
+
+
+def test_wireguard_roaming_during_a_try_to_a_third_endpoint_is_an_upgrade() -> None:
+    """We try the peer's reported endpoint; its symmetric NAT picked another port toward
+    us, and WireGuard followed the peer's handshake there: direct, at once."""
+    m = machine()
+    relayed(m)
+    device(m, 12.0, ep=R, hs_at=11.0, rx=1000)
+    m.poll(40.3, WALL)
+    other = Endpoint(B4.ip, 40177)
+    device(m, 41.0, ep=other, hs_at=11.0, rx=1000)  # roamed, but nothing heard: not yet
+    assert not [a for a in m.poll(41.0, WALL) if isinstance(a, Apply)]
+    device(m, 41.5, ep=other, hs_at=41.2, rx=1100)
+    [up] = [a for a in m.poll(41.5, WALL) if isinstance(a, Apply)]
+    assert up.endpoint == other and "during the try: direct, off the relay" in up.reason
+    assert m.peers[P1].path == "direct" and m.counters.upgrades == 1
+    assert m.stuck_since() is None  # heard after the try began
+    # the server keeps reporting B4 (where the peer's NAT maps it toward the server): a
+    # re-ask keeps the endpoint WireGuard roamed to instead of moving back to B4
+    device(m, 50.0, ep=other, hs_at=41.2, rx=1300)
+    t = 50.0
+    while not (sent := [a for a in m.poll(t, WALL) if isinstance(a, Send)]):
+        t += 0.5
+    assert m.on_reply(t + 0.05, ReplyBody(sent[0].body.request_id, S.FOUND, WALL, ME4, (B4,)),
+                      4) == []
+
+
+def test_the_relay_we_left_for_a_working_direct_path_is_declined_until_it_carries_packets():
+    """After an upgrade the peer, still relayed until it hears us directly, keeps asking
+    for the relay; its offers do not pull us back while WireGuard stays direct. Once the
+    peer's packets come through the relay (WireGuard moved there), the offer is taken."""
+    m = machine()
+    relayed(m)
+    device(m, 12.0, ep=R, hs_at=11.0, rx=1000)
+    m.poll(40.3, WALL)
+    device(m, 43.0, ep=B4, hs_at=11.0, rx=1200)
+    [up] = [a for a in m.poll(45.4, WALL) if isinstance(a, Apply)]
+    assert "off the relay" in up.reason
+    device(m, 46.0, ep=B4, hs_at=44.0, rx=1300)
+    assert m.on_relay(46.5, RelayBody(WALL + 30, 0, P1, R)) == []
+    assert m.counters.relay_declined == 1 and m.peers[P1].path == "direct"
+    device(m, 60.0, ep=R, hs_at=44.0, rx=1400)  # the peer's packets came via the relay
+    out = m.on_relay(60.5, RelayBody(WALL + 40, 0, P1, R))
+    assert [type(a) for a in out] == [Bind, Apply] and out[1].endpoint == R
+    assert m.peers[P1].path == "relay"
