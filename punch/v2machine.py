@@ -74,9 +74,11 @@ go (it expires at the server when idle). Otherwise the relay endpoint is applied
 A relayed peer whose WireGuard roams by itself to an endpoint that is not the relay
 (the peer's try reached us directly) is direct too, and so is one whose WireGuard roams
 during a try to neither the relay nor the endpoint tried, having heard from the peer
-(a symmetric NAT picked another port toward us than toward the server). The verdicts shape a try as they
-shape the first punch: the easy side sprays with it, and the hard side starts its try
-``spray_hold`` seconds late, after the easy peer's (whose tries keep the same pace).
+(a symmetric NAT picked another port toward us than toward the server). The verdicts
+shape a try as they shape the first punch: the easy side sprays with it, and the hard
+side starts its try ``spray_hold`` seconds late, after the easy peer's (whose tries
+keep the same pace). An offer of the relay we left is declined while WireGuard stays
+on the direct endpoint (the peer's routine requests before it has heard us directly).
 """
 
 from __future__ import annotations
