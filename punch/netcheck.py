@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from rendezvous.nat import Mapping, NatVerdict
 
 __all__ = ["Addr", "Observations", "Recheck", "Verdict", "advice", "decide", "pair_advice",
-           "relay_at_once"]
+           "relay_at_once", "replacing"]
 
 Addr = tuple[str, int]  # (ip text, port)
 
@@ -149,6 +149,15 @@ def pair_advice(mine: NatVerdict, peer: NatVerdict) -> str:
     if a or b:
         return "direct only with the spray from the easy side, else a relay"
     return "a relay (both NATs are hard)"
+
+
+def replacing(old: Verdict | None, new: Verdict | None) -> Verdict | None:
+    """NEW if a check again should replace the verdict OLD, else None: a probe that
+    could not run, or got no answer (mapping unknown), says nothing, and the same
+    verdict is no change."""
+    if new is None or new.nat.mapping is Mapping.UNKNOWN:
+        return None
+    return new if old is None or new.nat != old.nat else None
 
 
 class Recheck:

@@ -155,9 +155,7 @@ class ClientV2(Client):
     def _maybe_recheck(self, now: float) -> None:
         """Daemon with --probe-port: check the NAT again when :class:`Recheck` says so,
         and tell the machine (hence the server and the peers) a verdict that changed."""
-        from rendezvous.nat import Mapping
-
-        from .netcheck import advice
+        from .netcheck import advice, replacing
 
         machine, recheck = self.machine, self.recheck
         if recheck is None or not isinstance(machine, PunchV2):
@@ -167,16 +165,14 @@ class ClientV2(Client):
             return
         assert self.device is not None
         old = self.nat_verdict
-        verdict = self._check_nat(self.device, self.wg_port, machine.stamp(time.time_ns()))
+        checked = self._check_nat(self.device, self.wg_port, machine.stamp(time.time_ns()))
         machine.stamped_elsewhere(self.probe_next_ts)
         self.nat_checks += 1
-        if verdict is not None and verdict.nat.mapping is Mapping.UNKNOWN:
-            verdict = None  # an unanswered probe says nothing: the verdict stays
-        changed = verdict is not None and (old is None or verdict.nat != old.nat)
-        recheck.checked(now, changed)
+        verdict = replacing(old, checked)
+        recheck.checked(now, verdict is not None)
         why = ("a peer has waited %.0f s for a working tunnel" % (now - stuck)
                if stuck is not None else "the periodic check")
-        if not changed or verdict is None:
+        if verdict is None:
             log.debug("NAT checked again (%s): unchanged", why)
             return
         self.nat_verdict = verdict

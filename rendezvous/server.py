@@ -484,9 +484,9 @@ class Server:
         return sent
 
     def _send_notification(self, dest: bytes, datagram: bytes, local: bytes | None,
-                           room: mmsg.SendWait | None = None) -> int:
+                           room: mmsg.SendWait) -> int:
         """Send DATAGRAM to DEST from LOCAL where possible; 1 if sent, else 0 (counted).
-        A full send buffer is waited for within ROOM (not at all without one)."""
+        A full send buffer is waited for within ROOM."""
         fam = 4 if len(dest) == 6 else 6
         # the socket bound to the local address, else a wildcard one (with that
         # address as the source where known), else any socket of the family
@@ -513,7 +513,7 @@ class Server:
             try:
                 sock.sendmsg([datagram], cmsg, 0, to)
             except BlockingIOError:
-                if room is not None and room.wait(sock.fileno()):
+                if room.wait(sock.fileno()):
                     continue
                 self.notify_failed += 1
                 log.debug("notify to %s: the send buffer stays full", to)

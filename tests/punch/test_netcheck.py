@@ -13,6 +13,7 @@ from punch.netcheck import (
     decide,
     pair_advice,
     relay_at_once,
+    replacing,
 )
 from rendezvous.nat import Mapping, NatVerdict
 
@@ -150,3 +151,12 @@ def test_recheck_spacing_starts_over_once_no_peer_waits_and_runs_periodically():
 def test_recheck_times_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         Recheck(after=0)
+
+
+def test_a_check_again_replaces_the_verdict_only_with_another_known_one():
+    easy = decide(Observations(LOCAL, (PUB, 51820), (PUB, 51820)))
+    hard = decide(Observations(LOCAL, (PUB, 40001), (PUB, 40002)))
+    silent = decide(Observations(LOCAL, None))
+    assert replacing(easy, hard) is hard and replacing(None, easy) is easy
+    assert replacing(easy, easy) is None and replacing(easy, None) is None
+    assert replacing(easy, silent) is None and replacing(None, silent) is None
