@@ -165,6 +165,7 @@ class Client:
         self.channels: list[RawChannel] = []
         self.device: Device | None = None
         self.machine: Punch | v2machine.PunchV2 = self._make_machine()
+        self.poller = select.poll()
 
     def _make_machine(self) -> Punch | v2machine.PunchV2:
         opts = self.opts
@@ -324,7 +325,6 @@ class Client:
         self._send_due(start)  # the first request goes out before cffi loads
         for ch in self.channels:
             ch.arm()
-        self.poller = select.poll()
         for ch in self.channels:
             self.poller.register(ch.fileno(), select.POLLIN)
         self.poller.register(self._wake_r.fileno(), select.POLLIN)
@@ -355,12 +355,20 @@ class Client:
                     warned_silent = True
             else:
                 warned_silent = False
-            wake = min(machine.next_wakeup(), next_refresh, deadline)
+            wake = min(machine.next_wakeup(), next_refresh, deadline, self._side_wakeup())
             ready = {fd for fd, _ in self.poller.poll(max(0.0, wake - clock()) * 1000 + 1)}
             for ch in self.channels:
                 if ch.fileno() in ready:
                     self._take_replies(ch)
+            self._side_turn(ready, clock())
         return Result(EXIT_OK, "stopped")
+
+    def _side_wakeup(self) -> float:
+        """When the loop's side task (the v2 daemon's NAT re-check) is due a turn."""
+        return float("inf")
+
+    def _side_turn(self, ready: set[int], now: float) -> None:
+        """The side task's turn after each poll; READY: the descriptors that are."""
 
     def _take_replies(self, channel: RawChannel) -> None:
         machine = self.machine

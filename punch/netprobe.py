@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import BadInterface, BadServerKey, PunchError
 from .netcheck import Addr, Observations, Verdict, advice, decide
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
     from .rawsock import RawChannel
 
-__all__ = ["ClassicExchange", "ProbeConfig", "V2Exchange", "main", "probe", "targets"]
+__all__ = ["ClassicExchange", "ProbeConfig", "ProbeRun", "V2Exchange", "main", "probe",
+           "targets"]
 
 log = logging.getLogger("wg-punch")
 
@@ -74,16 +75,30 @@ class ClassicExchange:
         return ip, int.from_bytes(payload[4:], "big")
 
 
+class Stamps(Protocol):
+    """A running client's one increasing clock of request timestamps
+    (:class:`punch.v2machine.PunchV2`)."""
+
+    def stamp(self, wall_ns: int) -> int: ...
+
+    def stamped_elsewhere(self, next_ts: int) -> None: ...
+
+
 class V2Exchange:
     """v2 self requests; a reply to the request in flight for that role carries the
     endpoint. A ``stale`` reply moves the timestamp to what the server accepts, and
-    the probe is sent again at once."""
+    the probe is sent again at once.
+
+    Timestamps come from STAMPS when given: a probe that runs while the client goes on
+    sending its own requests (the daemon's re-check) then never reuses or reorders one
+    of theirs. Else from the wall clock, from FIRST_TIMESTAMP up."""
 
     RETRY = ("", -1)
 
     def __init__(self, crypto: ClientCrypto, my_key: bytes, nat: int = 0,
-                 first_timestamp: int = 0) -> None:
+                 first_timestamp: int = 0, stamps: Stamps | None = None) -> None:
         self.crypto, self.my_key, self.nat = crypto, my_key, nat
+        self.stamps = stamps
         self._next_ts = first_timestamp  # a running client's next timestamp
         self._ids: dict[str, int] = {}
         self.issued: set[int] = set()  # every request id sent (their replies may also
@@ -94,7 +109,10 @@ class V2Exchange:
 
         from rendezvous.v2.wire import RequestBody
 
-        ts = max(time.time_ns(), self._next_ts)
+        if self.stamps is not None:
+            ts = self.stamps.stamp(time.time_ns())
+        else:
+            ts = max(time.time_ns(), self._next_ts)
         self._next_ts = ts + 1
         rid = 0
         while rid == 0:
@@ -115,6 +133,8 @@ class V2Exchange:
             return None
         if body.status == Status.STALE:
             self._next_ts = max(self._next_ts, body.server_time)
+            if self.stamps is not None:
+                self.stamps.stamped_elsewhere(body.server_time)
             return self.RETRY
         if body.observed is None:
             return None
@@ -126,55 +146,116 @@ class V2Exchange:
         return self._next_ts
 
 
+class ProbeRun:
+    """One probe in progress, for an event loop that must not wait on it (the daemon's
+    re-check): it opens its raw sockets and sends the first tries at once; the loop then
+    polls :meth:`waiting` for reading, calls :meth:`readable` for each ready one and
+    :meth:`tick` when :meth:`next_wakeup` has passed, until ``done``. Each call returns
+    without blocking. :func:`probe` is the same run driven to its end.
+
+    NotPermitted without CAP_NET_RAW; PunchError when there is no route."""
+
+    def __init__(self, server: Addr, wg_port: int, config: ProbeConfig,
+                 exchange: ClassicExchange | V2Exchange, now: float) -> None:
+        from .rawsock import open_channel, source_address_for
+
+        self.wg_port = wg_port
+        self.where = targets(server, config)
+        self.local = (source_address_for(server), wg_port)
+        self.exchange = exchange
+        self.channels: dict[str, RawChannel] = {}
+        self.found: dict[str, Addr] = {}
+        self.done = False
+        self._step = config.timeout / max(1, config.tries)
+        self._tries_left = max(1, config.tries)
+        self._deadline = now
+        try:
+            for role, dst in self.where.items():
+                # No BPF filter: the probe lasts milliseconds, every packet is checked
+                # in Python anyway (RawChannel._read), and loading cffi to attach one
+                # would put ~25-60 ms before the client's first request.
+                self.channels[role] = open_channel(dst, wg_port)
+        except BaseException:
+            self.close()
+            raise
+        self._role_of = {ch.fileno(): role for role, ch in self.channels.items()}
+        self._send(now)
+
+    def _send(self, now: float) -> None:
+        """One try for every role without an answer; the next one is due a step later."""
+        for role, ch in self.channels.items():
+            if role not in self.found:
+                ch.send_to_server(self.exchange.request(role))
+        self._tries_left -= 1
+        self._deadline = now + self._step
+
+    def waiting(self) -> list[int]:
+        """The sockets whose probe has no answer yet (none once done)."""
+        if self.done:
+            return []
+        return [fd for fd, role in self._role_of.items() if role not in self.found]
+
+    def next_wakeup(self) -> float:
+        """When :meth:`tick` has something to do: the next try, or the end."""
+        return float("inf") if self.done else self._deadline
+
+    def readable(self, fd: int) -> None:
+        """Read what arrived on socket FD (one of :meth:`waiting`)."""
+        role = self._role_of.get(fd)
+        if self.done or role is None or role in self.found:
+            return
+        ch = self.channels[role]
+        for payload in ch.replies():
+            got = self.exchange.observed(role, payload)
+            if got == V2Exchange.RETRY:
+                ch.send_to_server(self.exchange.request(role))
+            elif got is not None:
+                self.found[role] = got
+                break
+        if len(self.found) == len(self.channels):
+            self.done = True
+
+    def tick(self, now: float) -> None:
+        """At or after :meth:`next_wakeup`: the next try, or the end of the probe."""
+        if self.done or now < self._deadline:
+            return
+        if self._tries_left > 0:
+            self._send(now)
+        else:
+            self.done = True
+
+    def observations(self) -> Observations:
+        found = self.found
+        return Observations(self.local, found.get("primary"), found.get("port"),
+                            found.get("address"), address_probed="address" in self.where)
+
+    def verdict(self) -> Verdict:
+        return decide(self.observations())
+
+    def close(self) -> None:
+        for ch in self.channels.values():
+            ch.close()
+
+
 def probe(server: Addr, wg_port: int, config: ProbeConfig,
           exchange: ClassicExchange | V2Exchange) -> tuple[Observations, dict[str, Addr]]:
-    """Probe from WG_PORT; the observations, and where each probe went.
-    NotPermitted without CAP_NET_RAW; PunchError when there is no route."""
-    from .rawsock import open_channel, source_address_for
-
-    where = targets(server, config)
-    local = (source_address_for(server), wg_port)
-    channels: dict[str, RawChannel] = {}
-    found: dict[str, Addr] = {}
+    """Probe from WG_PORT, waiting for the end (at most ``config.timeout`` seconds); the
+    observations, and where each probe went. NotPermitted without CAP_NET_RAW;
+    PunchError when there is no route."""
+    clock = time.monotonic
+    run = ProbeRun(server, wg_port, config, exchange, clock())
     try:
-        for role, dst in where.items():
-            # No BPF filter: the probe lasts milliseconds, every packet is checked in
-            # Python anyway (RawChannel._read), and loading cffi to attach one would
-            # put ~25-60 ms before the client's first request.
-            channels[role] = open_channel(dst, wg_port)
-        by_fd = {ch.fileno(): role for role, ch in channels.items()}
-        step = config.timeout / max(1, config.tries)
-        for _ in range(max(1, config.tries)):
-            for role, ch in channels.items():
-                if role not in found:
-                    ch.send_to_server(exchange.request(role))
-            deadline = time.monotonic() + step
+        while not run.done:
             poller = select.poll()
-            for fd, role in by_fd.items():
-                if role not in found:
-                    poller.register(fd, select.POLLIN)
-            while len(found) < len(channels):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                for fd, _ in poller.poll(left * 1000 + 1):
-                    role = by_fd[fd]
-                    for payload in channels[role].replies():
-                        got = exchange.observed(role, payload)
-                        if got == V2Exchange.RETRY:
-                            channels[role].send_to_server(exchange.request(role))
-                        elif got is not None and role not in found:
-                            found[role] = got
-                            poller.unregister(fd)
-                            break
-            if len(found) == len(channels):
-                break
+            for fd in run.waiting():
+                poller.register(fd, select.POLLIN)
+            left = run.next_wakeup() - clock()
+            for fd, _ in poller.poll(max(0.0, left) * 1000 + 1):
+                run.readable(fd)
+            run.tick(clock())
     finally:
-        for ch in channels.values():
-            ch.close()
-    obs = Observations(local, found.get("primary"), found.get("port"), found.get("address"),
-                       address_probed="address" in where)
-    return obs, where
+        run.close()
+    return run.observations(), run.where
 
 
 # -- wg-punch netcheck ---------------------------------------------------------------

@@ -13,8 +13,9 @@ the classic path never pays for it.
 from __future__ import annotations
 
 import logging
+import select
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from rendezvous.classic import short_key
 from rendezvous.logsetup import peer_fields
@@ -32,9 +33,28 @@ if TYPE_CHECKING:
     from .rawsock import RawChannel
     from .wg import Device
 
-__all__ = ["ClientV2"]
+__all__ = ["CheckRun", "ClientV2"]
 
 log = logging.getLogger("wg-punch")
+
+
+class CheckRun(Protocol):
+    """A NAT check in progress, as the loop drives it (:class:`punch.netprobe.ProbeRun`)."""
+
+    wg_port: int
+    done: bool
+
+    def waiting(self) -> list[int]: ...
+
+    def next_wakeup(self) -> float: ...
+
+    def readable(self, fd: int) -> None: ...
+
+    def tick(self, now: float) -> None: ...
+
+    def verdict(self) -> Verdict: ...
+
+    def close(self) -> None: ...
 
 
 class ClientV2(Client):
@@ -56,6 +76,9 @@ class ClientV2(Client):
         self.nat_changes = 0                     # ... that found another verdict
         self.probe_next_ts = 0                   # after a NAT check: our next timestamp
         self.probe_ids: set[int] = set()         # ... and its request ids
+        self.check: CheckRun | None = None       # a NAT re-check in progress
+        self._check_why = ""
+        self._check_fds: set[int] = set()        # its sockets, in the loop's poller
         super().__init__(opts)
 
     def _make_machine(self) -> Punch | PunchV2:
@@ -125,8 +148,9 @@ class ClientV2(Client):
 
     def _check_nat(self, device: Device, wg_port: int,
                    first_timestamp: int = 0) -> Verdict | None:
-        """One NAT check from WG_PORT; None (logged) when the probe could not run. The
-        lowest timestamp the client may use next is left in ``probe_next_ts``."""
+        """One NAT check from WG_PORT, waited for (the one at start: the first request
+        carries its verdict); None (logged) when the probe could not run. The lowest
+        timestamp the client may use next is left in ``probe_next_ts``."""
         from .netcheck import decide
         from .netprobe import ProbeConfig, V2Exchange, probe
 
@@ -153,25 +177,91 @@ class ClientV2(Client):
         return decide(obs)
 
     def _maybe_recheck(self, now: float) -> None:
-        """Daemon with --probe-port: check the NAT again when :class:`Recheck` says so,
-        and tell the machine (hence the server and the peers) a verdict that changed."""
-        from .netcheck import advice, replacing
-
+        """Daemon with --probe-port: start a NAT check again when :class:`Recheck` says
+        so. The check runs beside the loop (:meth:`_side_turn`), which goes on with
+        everything else meanwhile; its end is :meth:`_end_check`."""
         machine, recheck = self.machine, self.recheck
-        if recheck is None or not isinstance(machine, PunchV2):
+        if recheck is None or not isinstance(machine, PunchV2) or self.check is not None:
             return
         stuck = machine.stuck_since()
         if not recheck.due(now, stuck):
             return
-        assert self.device is not None
-        old = self.nat_verdict
-        checked = self._check_nat(self.device, self.wg_port, machine.stamp(time.time_ns()))
-        machine.stamped_elsewhere(self.probe_next_ts)
+        self._check_why = ("a peer has waited %.0f s for a working tunnel" % (now - stuck)
+                           if stuck is not None else "the periodic check")
+        run = self._begin_check(now)
+        if run is None:
+            self._end_check(now, None)
+            return
+        self.check = run
+        self._side_turn(set(), now)  # it may have ended already
+
+    def _begin_check(self, now: float) -> CheckRun | None:
+        """The probe of a re-check, started (its first tries sent); None (logged) when
+        it cannot start. Its timestamps come from the machine's clock, which goes on
+        stamping our requests meanwhile."""
+        from .netprobe import ProbeConfig, ProbeRun, V2Exchange
+
+        opts, machine, device = self.opts, self.machine, self.device
+        assert isinstance(machine, PunchV2) and device is not None
+        assert self.crypto is not None and opts.probe_port is not None
+        assert device.public_key is not None
+        family = self._nat_family()
+        exchange = V2Exchange(self.crypto, device.public_key,
+                              self.nat_verdict.code if self.nat_verdict else 0,
+                              stamps=machine)
+        try:
+            run = ProbeRun(self.servers[family], self.wg_port,
+                           ProbeConfig(opts.probe_port, opts.probe_address), exchange, now)
+        except NotPermitted:
+            raise
+        except (PunchError, OSError) as e:
+            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, e,
+                        "unknown" if self.nat_verdict is None else "as it was")
+            return None
+        self.probe_ids = exchange.issued  # grows with every try the run sends
+        return run
+
+    def _side_wakeup(self) -> float:
+        return self.check.next_wakeup() if self.check is not None else float("inf")
+
+    def _side_turn(self, ready: set[int], now: float) -> None:
+        """The re-check's turn: read its ready sockets, send its next try when due, keep
+        the poller watching exactly its unanswered sockets, and end it when it is done."""
+        run = self.check
+        if run is None:
+            return
+        for fd in run.waiting():
+            if fd in ready:
+                run.readable(fd)
+        run.tick(now)
+        wanted = set(run.waiting())
+        for fd in self._check_fds - wanted:
+            self.poller.unregister(fd)
+        for fd in wanted - self._check_fds:
+            self.poller.register(fd, select.POLLIN)
+        self._check_fds = wanted
+        if not run.done:
+            return
+        self.check = None
+        run.close()
+        if run.wg_port != self.wg_port:
+            log.info("NAT check again: WireGuard's port changed during it; no verdict")
+            self._end_check(now, None)
+            return
+        self._end_check(now, run.verdict())
+
+    def _end_check(self, now: float, checked: Verdict | None) -> None:
+        """A re-check ended with CHECKED (None: it could not run); tell the machine
+        (hence the server and the peers) a verdict that changed."""
+        from .netcheck import advice, replacing
+
+        machine, recheck = self.machine, self.recheck
+        assert isinstance(machine, PunchV2) and recheck is not None
         self.nat_checks += 1
+        old = self.nat_verdict
         verdict = replacing(old, checked)
         recheck.checked(now, verdict is not None)
-        why = ("a peer has waited %.0f s for a working tunnel" % (now - stuck)
-               if stuck is not None else "the periodic check")
+        why = self._check_why
         if verdict is None:
             log.debug("NAT checked again (%s): unchanged", why)
             return
@@ -182,6 +272,12 @@ class ClientV2(Client):
                  "telling the peers", self._nat_family(), why, verdict.nat,
                  old.nat if old is not None else "unknown", advice(verdict.nat),
                  verdict.reason, extra={"nat": verdict.nat.token})
+
+    def close(self) -> None:
+        if self.check is not None:
+            self.check.close()
+            self.check = None
+        super().close()
 
     def summary(self) -> str:
         assert not isinstance(self.machine, Punch)

@@ -1,20 +1,27 @@
 """``wg-punch netcheck`` as a real process: raw-socket probes from a real wireguard-go
 device's port to the real wg-rendezvous with --probe-port on a namespace's loopback
 (no NAT there: the verdict is "none"; the lab tests each NAT mode), classic and v2;
-and its one-line errors and exit statuses."""
+and its one-line errors and exit statuses. Also the probe as the daemon's loop drives
+it (:class:`punch.netprobe.ProbeRun`, in this process inside the namespace), and where
+a v2 probe's timestamps come from."""
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import sys
+import time
+from collections import Counter
 
 import pytest
 
+from punch.netprobe import ClassicExchange, ProbeConfig, ProbeRun, V2Exchange
+from punch.policy import Timing
+from punch.v2machine import PunchV2
 from tests.nstools import Netns
 from tests.punch.test_client import Pair, punch, start_server
 from tests.punch.test_client_v2 import server_keys
-
-pytestmark = [pytest.mark.root, pytest.mark.usefixtures("needs_wireguard_go")]
 
 
 @pytest.fixture
@@ -23,6 +30,8 @@ def ns():
         yield n
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
 def test_classic_netcheck_without_nat_says_none(ns):
     pair = Pair(ns)
     start_server(ns, "--port", "49918", "--probe-port", "49919")
@@ -40,6 +49,8 @@ def test_classic_netcheck_without_nat_says_none(ns):
     assert "  meaning: no NAT: peers reach this host" in text.stdout
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
 def test_v2_netcheck_over_both_families_with_a_probe_address(ns, tmp_path):
     pair = Pair(ns)
     key, pub = server_keys(ns, tmp_path)
@@ -64,6 +75,8 @@ def test_v2_netcheck_over_both_families_with_a_probe_address(ns, tmp_path):
         assert res[6]["verdict"] == "none" and res[6]["public"] == "[::1]:51820"
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
 def test_a_silent_server_gives_no_verdict_and_exit_6(ns):
     pair = Pair(ns)
     r = punch(ns, "netcheck", "--timeout", "0.6", "127.0.0.1:9", pair.ifs[0])
@@ -73,6 +86,8 @@ def test_a_silent_server_gives_no_verdict_and_exit_6(ns):
     assert "IPv4: unknown" in r.stdout and "probe to 127.0.0.1:10: no reply" in r.stdout
 
 
+@pytest.mark.root
+@pytest.mark.usefixtures("needs_wireguard_go")
 def test_errors_are_one_line_with_the_main_command_s_statuses(ns):
     r = punch(ns, "netcheck", "127.0.0.1", "nosuchwg0")
     assert r.returncode == 4 and r.stderr.strip() == (
@@ -87,3 +102,94 @@ def test_errors_are_one_line_with_the_main_command_s_statuses(ns):
     assert r.returncode == 2 and "not an IPv4 or IPv6 address: 'foo'" in r.stderr
     r = punch(ns, "--probe-port", "49919", "127.0.0.1", "wg0")
     assert r.returncode == 2 and "--probe-port needs --server-key" in r.stderr
+
+
+class Counting(ClassicExchange):
+    """Classic self-lookups, counting the tries sent per role."""
+
+    def __init__(self, key: bytes) -> None:
+        super().__init__(key)
+        self.sent: Counter[str] = Counter()
+
+    def request(self, role: str) -> bytes:
+        self.sent[role] += 1
+        return super().request(role)
+
+
+def drive(run: ProbeRun) -> list[float]:
+    """Drive RUN to its end as the daemon's loop does; the wake-up times it asked for."""
+    wakeups = []
+    while not run.done:
+        wakeups.append(run.next_wakeup())
+        poller = select.poll()
+        for fd in run.waiting():
+            poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(max(0.0, run.next_wakeup() - time.monotonic()) * 1000 + 1):
+            run.readable(fd)
+        run.tick(time.monotonic())
+    return wakeups
+
+
+WG_PORT = 51999  # "WireGuard's" port: a plain socket holds it, as WireGuard would
+
+
+@pytest.mark.root
+def test_a_probe_run_driven_by_a_loop_gets_both_answers(ns):
+    start_server(ns, "--port", "49918", "--probe-port", "49919")
+    with ns.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wg:
+        wg.bind(("127.0.0.1", WG_PORT))
+        ex = Counting(b"K" * 32)
+        run = ProbeRun(("127.0.0.1", 49918), WG_PORT, ProbeConfig(49919, timeout=3.0), ex,
+                       time.monotonic())
+        try:
+            assert not run.done and len(run.waiting()) == 2  # sent at once, not answered
+            assert ex.sent == {"primary": 1, "port": 1}
+            drive(run)
+        finally:
+            run.close()
+    assert run.found == {"primary": ("127.0.0.1", WG_PORT), "port": ("127.0.0.1", WG_PORT)}
+    assert run.waiting() == [] and run.next_wakeup() == float("inf")
+    assert run.verdict().nat.token == "none"
+
+
+@pytest.mark.root
+def test_a_probe_run_tries_a_silent_port_again_and_ends_after_its_last_try(ns):
+    start_server(ns, "--port", "49918")  # no --probe-port: 49919 stays silent
+    with ns.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wg:
+        wg.bind(("127.0.0.1", WG_PORT))
+        ex = Counting(b"K" * 32)
+        run = ProbeRun(("127.0.0.1", 49918), WG_PORT,
+                       ProbeConfig(49919, timeout=0.6, tries=3), ex, time.monotonic())
+        try:
+            wakeups = drive(run)
+        finally:
+            run.close()
+    assert run.found == {"primary": ("127.0.0.1", WG_PORT)}
+    assert ex.sent == {"primary": 1, "port": 3}
+    assert len(set(wakeups)) == 3  # one wake-up per try: the second, the third, the end
+    assert run.verdict().public == ("127.0.0.1", WG_PORT)
+
+
+def test_v2_probe_timestamps_come_from_the_running_client_s_clock():
+    """During the daemon's re-check the client goes on sending requests: the probe's
+    timestamps come from the machine's one clock, and a stale answer moves that clock."""
+    from rendezvous.v2.crypto import ClientCrypto, ServerCrypto
+    from rendezvous.v2.keys import generate_private_key, public_key
+    from rendezvous.v2.wire import ReplyBody, Status
+
+    server_priv, client_priv = generate_private_key(), generate_private_key()
+    me = public_key(client_priv)
+    client, server = ClientCrypto(client_priv, public_key(server_priv)), ServerCrypto(server_priv)
+    machine = PunchV2(Timing(), daemon=True, families=(4,))
+    wall = time.time_ns()
+    before = machine.stamp(wall)
+    ex = V2Exchange(client, me, stamps=machine)
+    bodies = [server.open_request(ex.request(role))[1] for role in ("primary", "port")]
+    after = machine.stamp(wall)
+    assert before < bodies[0].timestamp < bodies[1].timestamp < after
+    lowest = after + 10**12  # the server accepts from here on
+    stale = server.seal_reply(me, ReplyBody(bodies[1].request_id, Status.STALE, lowest, None))
+    assert ex.observed("port", stale) == V2Exchange.RETRY
+    assert machine.stamp(wall) >= lowest
+    again = server.open_request(ex.request("port"))[1]
+    assert again.timestamp > lowest

@@ -1,12 +1,15 @@
 """The daemon's NAT re-check in the v2 shell (punch.v2client): when it runs, what a
-changed, an unchanged and an unanswered check do. The probe itself (raw sockets to a
-real server) is replaced by scripted verdicts here; it is tested in test_netprobe.py,
-and the whole path in the lab (tests/lab/test_spray_lab.py)."""
+changed, an unchanged and an unanswered check do, and how it runs beside the loop. The
+probe itself (raw sockets to a real server, :class:`punch.netprobe.ProbeRun`) is
+replaced here by scripted runs, over a real socket pair where the loop's poller is
+involved; the probe is tested in test_netprobe.py, and the whole path in the lab
+(tests/lab/test_spray_lab.py)."""
 
 from __future__ import annotations
 
 import logging
 import random
+import socket
 
 import pytest
 
@@ -32,14 +35,53 @@ class _Device:
     listen_port = 51820
 
 
+class Run:
+    """A scripted NAT check: done at once with VERDICT, unless SOCK is given; then it
+    waits for one datagram on SOCK, and its tries are due every second."""
+
+    wg_port = 51820
+
+    def __init__(self, verdict: Verdict, now: float, sock: socket.socket | None = None):
+        self._verdict, self.sock = verdict, sock
+        self.done = sock is None
+        self.due = now + 1.0
+        self.tries = 1
+        self.closed = False
+
+    def waiting(self) -> list[int]:
+        return [] if self.done or self.sock is None else [self.sock.fileno()]
+
+    def next_wakeup(self) -> float:
+        return float("inf") if self.done else self.due
+
+    def readable(self, fd: int) -> None:
+        assert self.sock is not None and fd == self.sock.fileno()
+        self.sock.recv(100)
+        self.done = True
+
+    def tick(self, now: float) -> None:
+        if not self.done and now >= self.due:
+            self.tries += 1
+            self.due = now + 1.0
+
+    def verdict(self) -> Verdict:
+        return self._verdict
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class Scripted(ClientV2):
-    """ClientV2 whose NAT checks return the next of VERDICTS (None: the probe failed)."""
+    """ClientV2 whose NAT checks are the next of VERDICTS (None: the probe could not
+    start), each a :class:`Run` on ``self.sock`` when that is set."""
 
     def __init__(self, verdicts: list[Verdict | None]) -> None:
         super().__init__(Options(server="192.0.2.9:49918", interface="wg0", daemon=True,
                                  server_key=bytes(32), probe_port=49919, nat_recheck=30))
         self.verdicts = verdicts
-        self.probes: list[int] = []
+        self.probes: list[float] = []
+        self.runs: list[Run] = []
+        self.sock: socket.socket | None = None
         self.servers = {4: ("192.0.2.9", 49918)}
         self.device, self.wg_port = _Device(), 51820  # type: ignore[assignment]
         self.crypto = object()  # type: ignore[assignment]
@@ -50,10 +92,14 @@ class Scripted(ClientV2):
         self.recheck = Recheck(after=30)
         self.recheck.start(0.0)
 
-    def _check_nat(self, device, wg_port, first_timestamp=0):  # type: ignore[override]
-        self.probes.append(first_timestamp)
-        self.probe_next_ts = first_timestamp + 3  # the probe used three timestamps
-        return self.verdicts.pop(0)
+    def _begin_check(self, now):  # type: ignore[override]
+        self.probes.append(now)
+        verdict = self.verdicts.pop(0)
+        if verdict is None:
+            return None
+        run = Run(verdict, now, self.sock)
+        self.runs.append(run)
+        return run
 
 
 def stuck_client(verdicts: list[Verdict | None]) -> Scripted:
@@ -81,9 +127,10 @@ def test_a_changed_verdict_goes_to_the_machine_and_out_at_once(caplog):
     assert c.nat_verdict == HARD and m.nat == HARD.code
     assert "checked again (a peer has waited 30 s for a working tunnel): now " \
            "address-and-port-dependent" in caplog.text
-    # the machine's timestamps go on after the probe's; the new byte goes out now
+    assert c.runs[0].closed
+    # the new byte goes out now
     [send] = m.poll(30.6, WALL)
-    assert send.body.nat == HARD.code and send.body.timestamp >= c.probes[0] + 3
+    assert send.body.nat == HARD.code
 
 
 @pytest.mark.parametrize("second", [SILENT, None, EASY])
@@ -115,3 +162,70 @@ def test_after_a_failed_check_at_start_an_unanswered_one_is_no_change_a_real_one
     assert c.nat_verdict is None and c.nat_changes == 0 and c.machine.nat == 0
     c._maybe_recheck(91.0)
     assert c.nat_verdict == HARD and c.nat_changes == 1 and c.machine.nat == HARD.code
+
+
+def test_the_check_runs_beside_the_loop_which_goes_on_meanwhile(caplog):
+    """A check that waits for its answer: the daemon's loop keeps polling and asking
+    the server, the poller watches the check's socket until the answer is in, and the
+    verdict lands then."""
+    c = stuck_client([HARD])
+    m = c.machine
+    a, b = socket.socketpair()
+    try:
+        c.sock = a
+        c._maybe_recheck(31.0)
+        [run] = c.runs
+        assert not run.done and c.check is run and c.nat_changes == 0
+        assert c._side_wakeup() == 32.0  # its next try
+        assert c.poller.poll(0) == []    # its socket is watched, and quiet
+        c._side_turn(set(), 32.0)
+        assert run.tries == 2 and c._side_wakeup() == 33.0
+        c._maybe_recheck(32.5)           # a check runs: no second one
+        assert len(c.probes) == 1
+        # meanwhile the machine goes on: a request for the peer when it is due
+        sends = m.poll(60.0, WALL)
+        assert sends and all(s.body.nat == EASY.code for s in sends)
+        b.send(b"answer")
+        ready = {fd for fd, _ in c.poller.poll(1000)}
+        assert ready == {a.fileno()}
+        with caplog.at_level(logging.INFO, "wg-punch"):
+            c._side_turn(ready, 60.1)
+        assert run.done and run.closed and c.check is None
+        assert c.nat_verdict == HARD and m.nat == HARD.code and c.nat_changes == 1
+        assert c._side_wakeup() == float("inf")
+        b.send(b"late")
+        assert c.poller.poll(0) == []    # no longer watched
+        assert "checked again (a peer has waited 30 s for a working tunnel)" in caplog.text
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_check_over_a_port_that_changed_meanwhile_gives_no_verdict():
+    c = stuck_client([HARD])
+    a, b = socket.socketpair()
+    try:
+        c.sock = a
+        c._maybe_recheck(31.0)
+        c.wg_port = 51821  # WireGuard's port moved (refresh_device reopened the channels)
+        b.send(b"answer")
+        c._side_turn({a.fileno()}, 31.2)
+        assert c.check is None and c.nat_checks == 1 and c.nat_changes == 0
+        assert c.nat_verdict == EASY
+    finally:
+        a.close()
+        b.close()
+
+
+def test_closing_the_client_closes_a_check_in_progress():
+    c = stuck_client([HARD])
+    a, b = socket.socketpair()
+    try:
+        c.sock = a
+        c._maybe_recheck(31.0)
+        [run] = c.runs
+        c.close()
+        assert run.closed and c.check is None
+    finally:
+        a.close()
+        b.close()
