@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to tell address-dependent mappings apart too")
     p.add_argument("--nat-recheck", type=_nonneg_float, default=30.0, metavar="S",
                    help="v2 --daemon with --probe-port: check this host's NAT again when a "
-                        "peer has waited S seconds for a handshake after we set its "
-                        "endpoint, or its last one is over 3 minutes old with keepalive on "
+                        "peer has waited S seconds for a handshake (or data) after we set "
+                        "its endpoint, or its last handshake is over 3 minutes old with keepalive on "
                         "(then at 2x, 4x ... at most 16x S apart while that lasts), and "
                         "every 30 minutes anyway; tell the peers a verdict that changed "
                         "(the host moved, or one check was fooled); 0: never (default 30)")

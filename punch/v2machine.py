@@ -230,6 +230,7 @@ class PeerState:
     v6_before: bool = False            # WireGuard had made a handshake at the IPv6
                                        # endpoint we applied, just before we did
     rx_changed_at: float = 0.0
+    applied_rx: int = 0                # WireGuard's rx bytes when we set APPLIED
     # relay fallback
     punch_since: float | None = None   # a direct endpoint set, no handshake yet, since
     relay_wanted: bool = False         # our requests for the peer carry FLAG_RELAY
@@ -263,6 +264,20 @@ class PeerState:
         """Did the latest handshake WireGuard reports happen after time T?"""
         age = self.view.handshake_age if self.view else None
         return age is not None and self.view_at - age > t
+
+    def heard_since_applied(self) -> bool:
+        """Has the peer been heard since we set its endpoint: a handshake after that, or
+        data received while WireGuard does not use the relay we left? The second is what
+        proves a direct path taken off the relay: the session the relay carried goes on
+        over it, and the next handshake may be two minutes away."""
+        if self.applied_at is None:
+            return False
+        if self.handshake_after(self.applied_at):
+            return True
+        view = self.view
+        return (view is not None and view.rx_bytes > self.applied_rx
+                and not (self.left_relay is not None
+                         and same_endpoint(view.endpoint, self.left_relay)))
 
     @property
     def due(self) -> float:
@@ -604,17 +619,19 @@ class PunchV2:
     def stuck_since(self) -> float | None:
         """Since when the longest-waiting peer has had no working direct tunnel (None: no
         peer waits). What a NAT re-check waits on. A peer waits while it is relayed; when
-        it has had a direct endpoint we set and no handshake after it; and (a tunnel that
-        broke, e.g. because our NAT changed under it) when its keepalive is on and its
-        latest handshake is more than STALE_HANDSHAKE seconds old: WireGuard makes a new
-        one at least every two minutes while it sends, and keepalives are sent."""
+        it has had a direct endpoint we set and has not been heard since (no handshake
+        after it and no data received: :meth:`PeerState.heard_since_applied`); and (a
+        tunnel that broke, e.g. because our NAT changed under it) when its keepalive is
+        on and its latest handshake is more than STALE_HANDSHAKE seconds old: WireGuard
+        makes a new one at least every two minutes while it sends, and keepalives are
+        sent."""
         times = []
         for st in self.peers.values():
             if st.relay is not None:  # relayed: no direct tunnel yet
                 times.append(st.relayed_at)
                 continue
             if (st.applied is not None and st.applied_at is not None
-                    and not st.handshake_after(st.applied_at)):
+                    and not st.heard_since_applied()):
                 times.append(st.applied_at)
                 continue
             view = st.view
@@ -790,6 +807,7 @@ class PunchV2:
     def _apply(self, st: PeerState, endpoint: Endpoint, reason: str, now: float) -> Apply:
         self._settled(st, Status.APPLIED)
         st.applied, st.applied_at = endpoint, now
+        st.applied_rx = st.view.rx_bytes if st.view is not None else 0
         relayed = st.relay is not None and st.trying is None
         st.fallback_at = (now + self.timing.v6_fallback
                           if endpoint.family == 6 and not relayed and st.trying is None else None)
@@ -948,6 +966,7 @@ class PunchV2:
                   heard_since: float | None = None) -> Apply:
         """Direct at ENDPOINT, off the relay; HEARD_SINCE: the peer was heard directly
         after that time (it counts as when the endpoint was set, see stuck_since)."""
+        tried_rx = st.trying_rx if st.trying is not None else None
         st.left_relay = st.relay
         st.relay, st.trying, st.relay_wanted = None, None, False
         st.relay_why = "asked for by the peer"
@@ -964,6 +983,8 @@ class PunchV2:
             st.applied = answer
         if heard_since is not None:
             st.applied_at = heard_since
+        if tried_rx is not None:
+            st.applied_rx = tried_rx  # the bytes that proved the try count as heard
         return action
 
     def _revert(self, st: PeerState, now: float, why: str) -> Apply:

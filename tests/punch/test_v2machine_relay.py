@@ -323,3 +323,34 @@ def test_the_relay_we_left_for_a_working_direct_path_is_declined_until_it_carrie
     out = m.on_relay(60.5, RelayBody(WALL + 40, 0, P1, R))
     assert [type(a) for a in out] == [Bind, Apply] and out[1].endpoint == R
     assert m.peers[P1].path == "relay"
+
+
+def test_a_try_proven_by_data_alone_leaves_the_peer_not_waiting() -> None:
+    """The session the relay carried goes on over the direct path: the bytes received
+    prove it, and the peer does not wait for WireGuard's next handshake (up to two
+    minutes away) to count as heard, so it sets off no NAT re-check."""
+    m = machine()
+    relayed(m)
+    device(m, 12.0, ep=R, hs_at=11.0, rx=1000)
+    [t] = [a for a in m.poll(40.3, WALL) if isinstance(a, Apply)]
+    assert t.endpoint == B4 and "trying the direct path" in t.reason
+    device(m, 43.0, ep=B4, hs_at=11.0, rx=1500)  # data over the direct path, no handshake
+    [up] = [a for a in m.poll(45.4, WALL) if isinstance(a, Apply)]
+    assert up.endpoint == B4 and "direct path works" in up.reason
+    assert m.peers[P1].path == "direct"
+    assert m.stuck_since() is None
+    device(m, 70.0, ep=B4, hs_at=11.0, rx=1800)  # the peer's keepalives go on
+    assert m.stuck_since() is None
+
+
+def test_data_that_come_through_the_relay_we_left_are_not_heard_directly() -> None:
+    m = machine()
+    relayed(m)
+    device(m, 12.0, ep=R, hs_at=11.0, rx=1000)
+    m.poll(40.3, WALL)
+    device(m, 43.0, ep=B4, hs_at=11.0, rx=1500)
+    m.poll(45.4, WALL)
+    assert m.peers[P1].path == "direct"
+    device(m, 46.0, ep=R, hs_at=11.0, rx=2000)  # WireGuard followed a packet via the relay
+    assert m.peers[P1].heard_since_applied() is False
+    assert m.stuck_since() == pytest.approx(45.4)  # waiting since the upgrade set B4
