@@ -13,7 +13,9 @@ handshake only), ``server_last_reply_age_seconds`` (once the server has answered
 ``nat_verdict{peer,verdict}`` (1 for the peer's current verdict, as the v2 server
 forwarded it; "unknown" until then, and always with the classic protocol),
 ``local_nat_verdict{verdict}`` (this host's, measured with ``--probe-port``; "unknown"
-otherwise). Verdicts are the tokens of :mod:`rendezvous.nat`. ``peer`` is the short key,
+otherwise), ``nat_checks_total`` and ``nat_changes_total`` (the daemon's NAT checks after
+the one at start, and those that found another verdict: a rising second one means this
+host's network keeps changing under it). Verdicts are the tokens of :mod:`rendezvous.nat`. ``peer`` is the short key,
 as in the logs.
 """
 
@@ -62,7 +64,7 @@ class ClientCollector:
         counters = machine.counters
         for attr, name, doc in _COUNTERS:
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(counters, attr, 0))  # v2 has no "malformed"
-        channel = client.channel
+        channel = client.channels[0] if client.channels else None
         yield CounterMetricFamily(PREFIX + "ignored_packets",
                                   "Packets the raw socket saw that were not server replies.",
                                   value=channel.ignored if channel is not None else 0)
@@ -94,6 +96,12 @@ class ClientCollector:
                                   labels=["verdict"])
         local.add_metric([own.nat.token if own is not None else "unknown"], 1)
         yield local
+        yield CounterMetricFamily(PREFIX + "nat_checks",
+                                  "NAT checks after the one at start (daemon, --probe-port).",
+                                  value=getattr(client, "nat_checks", 0))
+        yield CounterMetricFamily(PREFIX + "nat_changes",
+                                  "NAT checks that found another verdict than before.",
+                                  value=getattr(client, "nat_changes", 0))
         last = getattr(client, "last_reply", None)
         if machine.replied and last is not None:
             yield GaugeMetricFamily(PREFIX + "server_last_reply_age_seconds",

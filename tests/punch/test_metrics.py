@@ -115,3 +115,30 @@ def test_punch_metrics_without_prometheus_client_exits_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == ("wg-punch: --metrics needs the prometheus-client package "
                                 "(pip install prometheus-client)")
+
+
+def test_the_daemon_s_nat_checks_are_counted():
+    """Collected from a v2 client whose NAT re-checks ran (the probe scripted, as in
+    test_v2client_recheck.py): one that found a change, one that did not."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from punch.metrics import ClientCollector
+    from tests.punch.test_v2client_recheck import EASY, HARD, stuck_client
+
+    c = stuck_client([HARD, HARD])
+    c._maybe_recheck(31.0)   # changed: easy -> hard
+    c._maybe_recheck(92.0)   # 60 s later (backed off): the same again
+    c.device = None          # no device read yet: no per-peer metrics
+    collector = ClientCollector()
+    collector.client = c
+    registry = CollectorRegistry()
+    registry.register(collector)
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(generate_latest(registry).decode())
+           for s in fam.samples}
+    assert got[("wgpunch_punch_nat_checks_total", ())] == 2
+    assert got[("wgpunch_punch_nat_changes_total", ())] == 1
+    assert got[("wgpunch_punch_local_nat_verdict", (("verdict", HARD.nat.token),))] == 1
+    assert got[("wgpunch_punch_ignored_packets_total", ())] == 0  # no channel open yet
+    assert EASY.nat.token != HARD.nat.token
