@@ -192,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nat-recheck", type=_nonneg_float, default=30.0, metavar="S",
                    help="v2 --daemon with --probe-port: check this host's NAT again when a "
                         "peer has waited S seconds for a handshake (or data) after we set "
-                        "its endpoint, or its last handshake is over 3 minutes old with keepalive on "
-                        "(then at 2x, 4x ... at most 16x S apart while that lasts), and "
-                        "every 30 minutes anyway; tell the peers a verdict that changed "
-                        "(the host moved, or one check was fooled); 0: never (default 30)")
+                        "its endpoint, or since its tunnel broke (keepalive on, and nothing "
+                        "received for 2 keepalive periods + 5 s, or the last handshake over "
+                        "3 minutes old); then at 2x, 4x ... at most 16x S apart while that "
+                        "lasts, and every 30 minutes anyway; tell the peers a verdict that "
+                        "changed (the host moved, or one check was fooled); 0: never "
+                        "(default 30)")
     p.add_argument("--no-spray", dest="spray", action="store_false",
                    help="v2: never spray (see --spray-count)")
     p.add_argument("--spray-count", type=_spray_count, default=512, metavar="N",

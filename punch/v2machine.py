@@ -205,6 +205,11 @@ class _Ask:
 # A handshake older than this, with keepalive on, means the tunnel is broken (WireGuard
 # renews the session every REKEY_AFTER_TIME = 120 s while it sends; 180 s leaves room).
 STALE_HANDSHAKE = 180.0
+# Nothing received for this many of our keepalive periods (plus Timing.dead_margin),
+# with keepalive on, also means the tunnel is broken: the peer's wg-punch sets a
+# keepalive on its side too, so a working tunnel brings its keepalives at least that
+# often. Sooner than STALE_HANDSHAKE (55 s at the default 25 s against 180 s).
+SILENT_KEEPALIVES = 2
 
 
 @dataclass
@@ -622,9 +627,10 @@ class PunchV2:
         it has had a direct endpoint we set and has not been heard since (no handshake
         after it and no data received: :meth:`PeerState.heard_since_applied`); and (a
         tunnel that broke, e.g. because our NAT changed under it) when its keepalive is
-        on and its latest handshake is more than STALE_HANDSHAKE seconds old: WireGuard
-        makes a new one at least every two minutes while it sends, and keepalives are
-        sent."""
+        on and either nothing has come from it for SILENT_KEEPALIVES keepalive periods
+        (plus the dead margin), or its latest handshake is more than STALE_HANDSHAKE
+        seconds old: WireGuard makes a new one at least every two minutes while it
+        sends, and keepalives are sent."""
         times = []
         for st in self.peers.values():
             if st.relay is not None:  # relayed: no direct tunnel yet
@@ -635,9 +641,13 @@ class PunchV2:
                 times.append(st.applied_at)
                 continue
             view = st.view
-            if (view is not None and view.keepalive and view.handshake_age is not None
-                    and view.handshake_age > STALE_HANDSHAKE):
+            if view is None or not view.keepalive or view.handshake_age is None:
+                continue
+            silent = SILENT_KEEPALIVES * view.keepalive + self.timing.dead_margin
+            if view.handshake_age > STALE_HANDSHAKE:
                 times.append(st.view_at - view.handshake_age + STALE_HANDSHAKE)
+            elif st.view_at - st.rx_changed_at > silent:
+                times.append(st.rx_changed_at + silent)
         return min(times, default=None)
 
     def before_apply(self, now: float, view: PeerView) -> None:

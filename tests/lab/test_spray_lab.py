@@ -208,6 +208,47 @@ def test_a_daemon_whose_nat_turned_symmetric_checks_again_and_gets_its_tunnel(
     assert lab.ping("bob", lab.info["ALICE_TUN"], count=1)
 
 
+def test_a_tunnel_broken_by_a_nat_change_under_it_is_mended_by_the_re_check(
+        make_lab, tmp_path) -> None:
+    """The tunnel is up (two cone NATs); then Bob's host moves behind a symmetric NAT
+    (his router turns into one and forgets its mappings). Nothing gets through either
+    way now: Bob's packets come from a new port, which Alice's port-restricted NAT does
+    not let in. Both daemons see nothing arrive for two keepalive periods and check
+    their NATs again; Bob's is hard now, Alice learns it with her next answer and
+    sprays; Bob's WireGuard, sending (a ping: a user's traffic), gets through."""
+    lab = make_lab("cone", "cone", v2=True, probe_port=PROBE_PORT)
+    server = lab.start_server()
+    args = ("--daemon", "--interval", "4", "--nat-recheck", "4", "--keepalive", "5")
+    b = lab.punch("bob", *args, "--state-dir", str(tmp_path / "b"))
+    a = lab.punch("alice", *args, "--state-dir", str(tmp_path / "a"))
+    hard_pub, alice_tun = lab.info["PUB_B"], lab.info["ALICE_TUN"]
+    up = lab.wait_handshake("alice", 30) and lab.ping_until("bob", alice_tun, 10)
+    before = lab.endpoint("alice")
+    _turn_symmetric(lab, "b")
+    broke = time.monotonic()
+    mended = False
+    deadline = broke + 100
+    while up and time.monotonic() < deadline and not mended:
+        ip, port = lab.endpoint("alice").rsplit(":", 1)
+        mended = (ip == hard_pub and BLOCK[0] <= int(port) <= BLOCK[1]
+                  and lab.ping("bob", alice_tun, count=1))
+        if not mended:
+            lab.ping("bob", alice_tun, count=1)  # traffic, as a user's (answered or not)
+            time.sleep(1)
+    took = time.monotonic() - broke
+    _, b_err = lab.stop(b)
+    _, a_err = lab.stop(a)
+    lab.stop(server)
+    assert up, f"no tunnel before the change:\n--- bob\n{b_err}\n--- alice\n{a_err}"
+    assert before == f"{hard_pub}:51820"  # the cone NAT kept WireGuard's port
+    assert mended, f"not mended:\n--- bob\n{b_err}\n--- alice\n{a_err}"
+    print(f"seconds from the NAT change to a mended tunnel: {took:.1f}")
+    assert re.search(r"NAT \(this host, IPv4\) checked again \(a peer has waited \d+ s for a "
+                     r"working tunnel\): now address-and-port-dependent", b_err), b_err
+    assert f"sprayed 512 empty datagrams to {hard_pub} ports" in a_err, a_err
+    assert "checked again" not in a_err.replace("NAT checked again", "")  # hers: unchanged
+
+
 def test_with_a_relay_the_pair_goes_direct_once_the_re_check_finds_the_nat_hard(
         make_lab, tmp_path) -> None:
     """The same turn of Bob's NAT, with a relay at the server: with no handshake after

@@ -712,11 +712,42 @@ def test_a_tunnel_whose_handshakes_stopped_is_stuck_too():
     ep = ("198.51.100.7", 40001)
     m.update_device(10.0, dev(PeerView(P1, ep, handshake_age=5.0, keepalive=25)))
     assert m.stuck_since() is None
-    m.update_device(190.0, dev(PeerView(P1, ep, handshake_age=180.0, keepalive=25)))
+    # the peer's keepalives keep coming (rx grows), but no new handshake
+    m.update_device(190.0, dev(PeerView(P1, ep, handshake_age=180.0, rx_bytes=900,
+                                        keepalive=25)))
     assert m.stuck_since() is None
-    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, keepalive=25)))
+    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, rx_bytes=932,
+                                        keepalive=25)))
     assert m.stuck_since() == pytest.approx(190.0)  # since the handshake turned 180 s old
-    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, keepalive=0)))
+    m.update_device(200.0, dev(PeerView(P1, ep, handshake_age=190.0, rx_bytes=964,
+                                        keepalive=0)))
+    assert m.stuck_since() is None
+
+
+def test_a_tunnel_that_went_silent_is_stuck_before_its_handshake_is_old():
+    """Keepalive on, a recent handshake, but nothing received for two keepalive periods
+    plus the dead margin (the peer's wg-punch keeps its keepalives coming over a working
+    tunnel): the tunnel broke, say because our NAT changed under it."""
+    m = machine(nat=EASY, daemon=True)
+    s = only_send(m.poll(0.0, WALL))
+    m.on_reply(0.5, found_nat(s, EASY, A4), 4)
+    ep = ("198.51.100.7", 40001)
+    m.update_device(10.0, dev(PeerView(P1, ep, handshake_age=5.0, rx_bytes=148,
+                                        keepalive=25)))
+    m.update_device(60.0, dev(PeerView(P1, ep, handshake_age=55.0, rx_bytes=212,
+                                        keepalive=25)))  # the last bytes came by 60 s
+    m.update_device(110.0, dev(PeerView(P1, ep, handshake_age=105.0, rx_bytes=212,
+                                         keepalive=25)))
+    assert m.stuck_since() is None  # 50 s of silence: not yet 2 x 25 + 5
+    m.update_device(116.0, dev(PeerView(P1, ep, handshake_age=111.0, rx_bytes=212,
+                                         keepalive=25)))
+    assert m.stuck_since() == pytest.approx(115.0)  # silent since 60 s, + 55 s
+    m.update_device(120.0, dev(PeerView(P1, ep, handshake_age=0.5, rx_bytes=304,
+                                         keepalive=25)))
+    assert m.stuck_since() is None  # heard again
+    # without keepalive an idle tunnel is silent, and that is normal
+    m.update_device(300.0, dev(PeerView(P1, ep, handshake_age=180.5, rx_bytes=304,
+                                         keepalive=0)))
     assert m.stuck_since() is None
 
 
