@@ -75,10 +75,12 @@ def _record(st: PeerState, to_wall: Callable[[float], float]) -> PeerRecord:
 
 def build_state(machine: Punch, *, interface: str, pid: int, daemon: bool, server: str,
                 started: float, last_reply: float | None, mono_now: float, wall_now: float,
-                ended: bool = False, nat: str = "unknown") -> InterfaceState:
+                ended: bool = False, nat: str = "unknown", nat_checked: float | None = None,
+                nat_checks: int = 0, nat_changes: int = 0) -> InterfaceState:
     """The state file's contents from MACHINE; monotonic times become unix times.
 
-    STARTED is already unix time; LAST_REPLY is monotonic (None: no reply yet).
+    STARTED is already unix time; LAST_REPLY and NAT_CHECKED are monotonic (None: no
+    reply yet, no NAT check).
     """
     def to_wall(t: float) -> float:
         return round(wall_now - (mono_now - t), 3)
@@ -87,7 +89,9 @@ def build_state(machine: Punch, *, interface: str, pid: int, daemon: bool, serve
         interface=interface, pid=pid, mode="daemon" if daemon else "once", server=server,
         started=started, updated=round(wall_now, 3), ended=round(wall_now, 3) if ended else None,
         last_reply=to_wall(last_reply) if last_reply is not None else None,
-        peers={k: _record(st, to_wall) for k, st in machine.peers.items()}, nat=nat)
+        peers={k: _record(st, to_wall) for k, st in machine.peers.items()}, nat=nat,
+        nat_checked=to_wall(nat_checked) if nat_checked is not None else None,
+        nat_checks=nat_checks, nat_changes=nat_changes)
 
 
 def _progress(client: Client) -> tuple[object, ...]:
@@ -95,7 +99,8 @@ def _progress(client: Client) -> tuple[object, ...]:
     m = client.machine
     c = m.counters
     nats = tuple(getattr(st, "peer_nat", 0) for st in m.peers.values())
-    return (c.sent, c.replies, c.lost, c.applied, len(m.peers), nats)
+    return (c.sent, c.replies, c.lost, c.applied, len(m.peers), nats,
+            getattr(client, "nat_checks", 0), getattr(client, "nat_changes", 0))
 
 
 class StateWriter(Observer):
@@ -143,7 +148,10 @@ class StateWriter(Observer):
             server=f"{server[0]}:{server[1]}" if server else client.opts.server,
             started=round(self._started, 3),
             last_reply=getattr(client, "last_reply", None) if client.machine.replied else None,
-            mono_now=now, wall_now=time.time(), ended=ended, nat=_own_nat(client))
+            mono_now=now, wall_now=time.time(), ended=ended, nat=_own_nat(client),
+            nat_checked=getattr(client, "nat_checked_at", None),  # v2 with --probe-port
+            nat_checks=getattr(client, "nat_checks", 0),
+            nat_changes=getattr(client, "nat_changes", 0))
         try:
             write_atomic(self.path, encode(state))
         except OSError as e:

@@ -11,6 +11,7 @@ about the punch loop. The document::
     {"version": 1, "interface": "wg0", "pid": 1234, "mode": "daemon",
      "server": "203.0.113.7:49918", "started": 1764620000.0, "updated": 1764620042.5,
      "ended": null, "last_reply": 1764620041.9, "nat": "endpoint-independent",
+     "nat_checked": 1764620030.4, "nat_checks": 3, "nat_changes": 1,
      "peers": {"<base64 key>": {"status": "applied", "answer": "198.51.100.4:51820",
                "answer_found": true, "answered_at": 1764620041.9,
                "applied": "198.51.100.4:51820", "applied_at": 1764620001.2,
@@ -18,6 +19,9 @@ about the punch loop. The document::
 
 ``nat`` (this host's) and each peer's ``nat`` are the tokens of :mod:`rendezvous.nat`
 (``unknown`` until wg-punch --probe-port measures ours, or the server tells us a peer's).
+``nat_checked`` is when this host's NAT was last checked (at start or again, whatever
+the outcome; null: never), ``nat_checks`` and ``nat_changes`` how many checks the
+daemon ran after the one at start and how many of them changed the verdict.
 
 A reader ignores fields it does not know (a newer writer may add some) and rejects
 a document whose version it does not know.
@@ -84,6 +88,9 @@ class InterfaceState:
     last_reply: float | None = None
     peers: Mapping[bytes, PeerRecord] = field(default_factory=dict)
     nat: str = "unknown"  # this host's NAT verdict (wg-punch --probe-port)
+    nat_checked: float | None = None  # when it was last checked (at start or again)
+    nat_checks: int = 0   # the daemon's checks after the one at start ...
+    nat_changes: int = 0  # ... and those that changed the verdict
 
 
 def _b64(key: bytes) -> str:
@@ -105,6 +112,9 @@ def encode(state: InterfaceState) -> bytes:
         "ended": state.ended,
         "last_reply": state.last_reply,
         "nat": state.nat,
+        "nat_checked": state.nat_checked,
+        "nat_checks": state.nat_checks,
+        "nat_changes": state.nat_changes,
         "peers": {_b64(k): {
             "status": r.status, "answer": r.answer, "answer_found": r.answer_found,
             "answered_at": r.answered_at, "applied": r.applied, "applied_at": r.applied_at,
@@ -183,7 +193,20 @@ def decode(data: bytes) -> InterfaceState:
         last_reply=_time(doc, "last_reply", "state"),
         peers=peers,
         nat=_get(doc, "nat", (str,), "state", optional=True) or "unknown",
+        nat_checked=_time(doc, "nat_checked", "state"),
+        nat_checks=_count(doc, "nat_checks"),
+        nat_changes=_count(doc, "nat_changes"),
     )
+
+
+def _count(doc: Mapping[str, Any], name: str) -> int:
+    """A non-negative count; absent (an older writer): 0."""
+    value = _get(doc, name, (int,), "state", optional=True)
+    if value is None:
+        return 0
+    if value < 0:
+        raise StateFileError(f"state: {name} must be a count, got {value!r}")
+    return int(value)
 
 
 def default_dir() -> Path:

@@ -150,6 +150,17 @@ def _pair(mine: str, theirs: str) -> str:
     return pair_advice(verdict(mine), verdict(theirs))
 
 
+def _nat_checks(st: InterfaceState, now: float) -> str:
+    """When this host's NAT was checked, and what the daemon's checks again found."""
+    if st.nat_checked is None:
+        return ""
+    again = ""
+    if st.nat_checks:
+        changed = f"{st.nat_changes} changed it" if st.nat_changes else "none changed it"
+        again = f"; checked again {st.nat_checks} time{'s' * (st.nat_checks != 1)}, {changed}"
+    return f" (checked {_ago(st.nat_checked, now)}{again})"
+
+
 def render_text(report: Report, now: float) -> str:
     """The human form, in the spirit of ``wg show``."""
     lines = [f"interface: {report.interface}"]
@@ -167,7 +178,7 @@ def render_text(report: Report, now: float) -> str:
         lines.append(f"  wg-punch: {st.mode}, pid {st.pid}, server {st.server}, "
                      f"started {_ago(st.started, now)}, {run}")
         lines.append(f"  last server reply: {_ago(st.last_reply, now)}")
-        lines.append(f"  NAT (this host): {st.nat}")
+        lines.append(f"  NAT (this host): {st.nat}{_nat_checks(st, now)}")
     elif report.state_error is not None:
         lines.append(f"  wg-punch: state file {report.state_file} unreadable: "
                      f"{report.state_error}")
@@ -207,7 +218,8 @@ def to_json(report: Report, now: float) -> dict[str, Any]:
     state = None if st is None else {
         "mode": st.mode, "pid": st.pid, "server": st.server, "started": st.started,
         "updated": st.updated, "ended": st.ended, "running": report.running,
-        "last_reply": st.last_reply, "nat": st.nat,
+        "last_reply": st.last_reply, "nat": st.nat, "nat_checked": st.nat_checked,
+        "nat_checks": st.nat_checks, "nat_changes": st.nat_changes,
         "last_reply_age": round(now - st.last_reply, 3) if st.last_reply is not None else None,
     }
     peers = []

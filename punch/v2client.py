@@ -74,6 +74,7 @@ class ClientV2(Client):
         self.recheck: Recheck | None = None      # daemon with --probe-port
         self.nat_checks = 0                      # NAT checks after the one at start
         self.nat_changes = 0                     # ... that found another verdict
+        self.nat_checked_at: float | None = None  # when the latest check ended (monotonic)
         self.probe_next_ts = 0                   # after a NAT check: our next timestamp
         self.probe_ids: set[int] = set()         # ... and its request ids
         self.check: CheckRun | None = None       # a NAT re-check in progress
@@ -133,6 +134,7 @@ class ClientV2(Client):
         from .netcheck import advice
 
         verdict = self._check_nat(device, device.listen_port)
+        self.nat_checked_at = time.monotonic()
         if self.opts.daemon and self.opts.nat_recheck > 0:
             self.recheck = Recheck(after=self.opts.nat_recheck)
             self.recheck.start(time.monotonic())
@@ -258,6 +260,7 @@ class ClientV2(Client):
         machine, recheck = self.machine, self.recheck
         assert isinstance(machine, PunchV2) and recheck is not None
         self.nat_checks += 1
+        self.nat_checked_at = now
         old = self.nat_verdict
         verdict = replacing(old, checked)
         recheck.checked(now, verdict is not None)

@@ -209,7 +209,7 @@ def test_a_daemon_whose_nat_turned_symmetric_checks_again_and_gets_its_tunnel(
 
 
 def test_a_tunnel_broken_by_a_nat_change_under_it_is_mended_by_the_re_check(
-        make_lab, tmp_path) -> None:
+        make_lab) -> None:
     """The tunnel is up (two cone NATs); then Bob's host moves behind a symmetric NAT
     (his router turns into one and forgets its mappings). Nothing gets through either
     way now: Bob's packets come from a new port, which Alice's port-restricted NAT does
@@ -219,8 +219,8 @@ def test_a_tunnel_broken_by_a_nat_change_under_it_is_mended_by_the_re_check(
     lab = make_lab("cone", "cone", v2=True, probe_port=PROBE_PORT)
     server = lab.start_server()
     args = ("--daemon", "--interval", "4", "--nat-recheck", "4", "--keepalive", "5")
-    b = lab.punch("bob", *args, "--state-dir", str(tmp_path / "b"))
-    a = lab.punch("alice", *args, "--state-dir", str(tmp_path / "a"))
+    b = lab.punch("bob", *args)
+    a = lab.punch("alice", *args)
     hard_pub, alice_tun = lab.info["PUB_B"], lab.info["ALICE_TUN"]
     up = lab.wait_handshake("alice", 30) and lab.ping_until("bob", alice_tun, 10)
     before = lab.endpoint("alice")
@@ -236,6 +236,13 @@ def test_a_tunnel_broken_by_a_nat_change_under_it_is_mended_by_the_re_check(
             lab.ping("bob", alice_tun, count=1)  # traffic, as a user's (answered or not)
             time.sleep(1)
     took = time.monotonic() - broke
+    # wg-punch status on Bob's host shows the check that found the change
+    deadline = time.monotonic() + 5
+    while True:
+        state = lab.status("bob")["state"]
+        if state["nat_changes"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     _, b_err = lab.stop(b)
     _, a_err = lab.stop(a)
     lab.stop(server)
@@ -247,6 +254,8 @@ def test_a_tunnel_broken_by_a_nat_change_under_it_is_mended_by_the_re_check(
                      r"working tunnel\): now address-and-port-dependent", b_err), b_err
     assert f"sprayed 512 empty datagrams to {hard_pub} ports" in a_err, a_err
     assert "checked again" not in a_err.replace("NAT checked again", "")  # hers: unchanged
+    assert state["nat"] == "address-and-port-dependent" and state["nat_changes"] == 1
+    assert state["nat_checks"] >= 1 and state["nat_checked"] > state["started"]
 
 
 def test_with_a_relay_the_pair_goes_direct_once_the_re_check_finds_the_nat_hard(

@@ -61,3 +61,16 @@ def test_build_state_carries_the_v2_peer_verdict_and_ours():
     assert state.nat == "address-and-port-dependent"
     assert state.peers[P1].nat == "endpoint-independent+port-preserved"
     assert state.peers[P2].nat == "unknown"
+
+
+def test_build_state_carries_when_our_nat_was_checked_in_unix_time():
+    m = Punch(Timing())
+    m.update_device(0.0, DeviceView(ME, (PeerView(P1),)))
+    state = build_state(m, interface="wg0", pid=1, daemon=True, server="s", started=0.0,
+                        last_reply=None, mono_now=100.0, wall_now=5000.0,
+                        nat="endpoint-independent", nat_checked=70.0, nat_checks=2,
+                        nat_changes=1)
+    assert (state.nat_checked, state.nat_checks, state.nat_changes) == (4970.0, 2, 1)
+    never = build_state(m, interface="wg0", pid=1, daemon=True, server="s", started=0.0,
+                        last_reply=None, mono_now=100.0, wall_now=5000.0)
+    assert (never.nat_checked, never.nat_checks, never.nat_changes) == (None, 0, 0)

@@ -154,3 +154,22 @@ def test_nat_verdicts_round_trip_and_default_to_unknown():
     doc["nat"] = 5
     with pytest.raises(StateFileError, match="state: field 'nat' must be str, got 5"):
         decode(json.dumps(doc).encode())
+
+
+def test_nat_checks_round_trip_and_an_older_file_has_none():
+    state = InterfaceState(
+        interface="wg0", pid=1, mode="daemon", server="s", started=1.0, updated=2.0,
+        nat="address-and-port-dependent", nat_checked=1.75, nat_checks=3, nat_changes=1)
+    doc = json.loads(encode(state))
+    assert (doc["nat_checked"], doc["nat_checks"], doc["nat_changes"]) == (1.75, 3, 1)
+    assert decode(encode(state)) == state
+    for name in ("nat_checked", "nat_checks", "nat_changes"):  # a file from before them
+        del doc[name]
+    old = decode(json.dumps(doc).encode())
+    assert (old.nat_checked, old.nat_checks, old.nat_changes) == (None, 0, 0)
+    for value, msg in ((-1, "state: nat_checks must be a count, got -1"),
+                       (1.5, "state: field 'nat_checks' must be int, got 1.5"),
+                       (True, "state: field 'nat_checks' must be int, got True")):
+        doc["nat_checks"] = value
+        with pytest.raises(StateFileError, match=msg.replace(".", r"\.")):
+            decode(json.dumps(doc).encode())

@@ -243,3 +243,23 @@ def test_render_shows_both_verdicts_and_what_they_mean_together():
     doc = to_json(report, now=1100.0)
     assert doc["state"]["nat"] == "address-and-port-dependent"
     assert [p["nat"] for p in doc["peers"]] == ["endpoint-independent+port-preserved", "unknown"]
+
+
+def test_render_says_when_our_nat_was_checked_and_what_the_checks_again_found():
+    device = Device("wg9", public_key=KEY_A, listen_port=51820, peers=())
+    state = InterfaceState("wg9", 42, "daemon", "192.0.2.1:49918", started=1000.0,
+                           updated=1090.0, nat="address-and-port-dependent",
+                           nat_checked=1070.0, nat_checks=3, nat_changes=1)
+    report = build(device, state, "/x/wg9.json")
+    assert ("  NAT (this host): address-and-port-dependent (checked 30s ago; checked again "
+            "3 times, 1 changed it)\n") in render_text(report, now=1100.0)
+    doc = to_json(report, now=1100.0)["state"]
+    assert (doc["nat_checked"], doc["nat_checks"], doc["nat_changes"]) == (1070.0, 3, 1)
+    once = InterfaceState("wg9", 42, "daemon", "192.0.2.1:49918", started=1000.0,
+                          updated=1090.0, nat="endpoint-independent", nat_checked=1001.0)
+    assert "  NAT (this host): endpoint-independent (checked 99s ago)\n" in render_text(
+        build(device, once, "/x/wg9.json"), now=1100.0)
+    never = InterfaceState("wg9", 42, "daemon", "192.0.2.1:49918", started=1000.0,
+                           updated=1090.0)
+    assert "  NAT (this host): unknown\n" in render_text(build(device, never, "/x/wg9.json"),
+                                                          now=1100.0)

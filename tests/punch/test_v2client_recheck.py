@@ -124,7 +124,7 @@ def test_a_changed_verdict_goes_to_the_machine_and_out_at_once(caplog):
     with caplog.at_level(logging.INFO, "wg-punch"):
         c._maybe_recheck(30.5)
     assert len(c.probes) == 1 and c.nat_checks == c.nat_changes == 1
-    assert c.nat_verdict == HARD and m.nat == HARD.code
+    assert c.nat_verdict == HARD and m.nat == HARD.code and c.nat_checked_at == 30.5
     assert "checked again (a peer has waited 30 s for a working tunnel): now " \
            "address-and-port-dependent" in caplog.text
     assert c.runs[0].closed
