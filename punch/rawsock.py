@@ -111,8 +111,14 @@ class RawChannel:
         return src
 
     def send(self, dst: tuple[str, int], payload: bytes) -> bool:
-        """Send PAYLOAD to DST from WireGuard's port; False if the kernel refused it now."""
-        src = self._source_for(dst[0], time.monotonic())
+        """Send PAYLOAD to DST from WireGuard's port; False if the kernel refused it now,
+        or there is no route to DST now (the network went away for a while: a daemon
+        carries on, and its next tries go out once the route is back)."""
+        try:
+            src = self._source_for(dst[0], time.monotonic())
+        except PunchError as e:
+            log.debug("send to %s:%d failed: %s", dst[0], dst[1], e)
+            return False
         datagram = build_udp(src, dst[0], self.wg_port, dst[1], payload)
         return self._sendto(datagram, dst)
 

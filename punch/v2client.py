@@ -232,25 +232,34 @@ class ClientV2(Client):
         run = self.check
         if run is None:
             return
-        for fd in run.waiting():
-            if fd in ready:
-                run.readable(fd)
-        run.tick(now)
-        wanted = set(run.waiting())
+        failed: OSError | None = None
+        try:
+            for fd in run.waiting():
+                if fd in ready:
+                    run.readable(fd)
+            run.tick(now)
+        except OSError as e:  # its raw sockets (the network went away): the check fails,
+            failed = e        # the daemon goes on
+        wanted = set(run.waiting()) if failed is None else set()
         for fd in self._check_fds - wanted:
             self.poller.unregister(fd)
         for fd in wanted - self._check_fds:
             self.poller.register(fd, select.POLLIN)
         self._check_fds = wanted
-        if not run.done:
+        if failed is None and not run.done:
             return
         self.check = None
         run.close()
-        if run.wg_port != self.wg_port:
+        if failed is not None:
+            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s",
+                        self._nat_family(), failed,
+                        "unknown" if self.nat_verdict is None else "as it was")
+            self._end_check(now, None)
+        elif run.wg_port != self.wg_port:
             log.info("NAT check again: WireGuard's port changed during it; no verdict")
             self._end_check(now, None)
-            return
-        self._end_check(now, run.verdict())
+        else:
+            self._end_check(now, run.verdict())
 
     def _end_check(self, now: float, checked: Verdict | None) -> None:
         """A re-check ended with CHECKED (None: it could not run); tell the machine

@@ -4,6 +4,7 @@ processes, in the netns lab (scripts/netns_lab.sh)."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
@@ -149,3 +150,33 @@ def test_demo_runs_and_leaves_nothing_behind() -> None:
     assert "time from the second client start to the first handshake" in r.stdout
     assert " ok=1 " in r.stdout
     assert leftovers(prefix) == []
+
+
+def test_a_daemon_outlives_a_lost_route_and_carries_on_once_it_is_back(make_lab) -> None:
+    """Alice's host loses its default route for a while (the Wi-Fi drops, the network
+    is being reconfigured): her daemon's requests cannot leave. It must not exit: it
+    says so and carries on, and once the route is back its requests get answers again
+    and the tunnel is there."""
+    lab = make_lab()
+    lab.start_server()
+    a = lab.punch("alice", "--daemon", "--interval", "2")
+    b = lab.punch("bob", "--daemon", "--interval", "2")
+    _assert_tunnel(lab)
+    route = lab.run("alice", ["ip", "-4", "route", "show", "default"]).stdout.split()
+    assert route[:2] == ["default", "via"], route
+    lab.run("alice", ["ip", "-4", "route", "del", "default"])
+    time.sleep(7)  # a few of her requests come due meanwhile
+    alive = a.poll() is None
+    lab.run("alice", ["ip", "-4", "route", "add", *route])
+    before = lab.status("alice")["state"]["last_reply"]
+    deadline = time.monotonic() + 15
+    answered = False
+    while alive and not answered and time.monotonic() < deadline:
+        time.sleep(0.5)
+        answered = (lab.status("alice")["state"]["last_reply"] or 0) > before
+    _, a_err = lab.stop(a)
+    lab.stop(b)
+    assert alive, f"the daemon exited without its route:\n{a_err}"
+    assert answered, f"no reply once the route was back:\n{a_err}"
+    assert lab.ping("alice", lab.info["BOB_TUN"])
+    assert "no reply from the server for" in a_err, a_err  # it said so meanwhile

@@ -229,3 +229,31 @@ def test_closing_the_client_closes_a_check_in_progress():
     finally:
         a.close()
         b.close()
+
+
+def test_a_check_whose_socket_fails_ends_without_a_verdict_and_the_daemon_goes_on(caplog):
+    class Failing(Run):
+        def readable(self, fd: int) -> None:
+            raise OSError(100, "Network is down")
+
+    c = stuck_client([HARD])
+    a, b = socket.socketpair()
+    try:
+        c.sock = a
+        c._maybe_recheck(31.0)
+        [run] = c.runs
+        run.__class__ = Failing
+        b.send(b"answer")
+        with caplog.at_level(logging.WARNING, "wg-punch"):
+            c._side_turn({a.fileno()}, 31.2)
+        assert c.check is None and run.closed and c.nat_checks == 1 and c.nat_changes == 0
+        assert c.nat_verdict == EASY
+        assert c.poller.poll(0) == []  # no longer watched
+        assert "NAT check over IPv4 failed: [Errno 100] Network is down; the verdict stays " \
+               "as it was" in caplog.text
+        c.verdicts.append(HARD)
+        c._maybe_recheck(92.0)  # the next one, backed off, runs as usual
+        assert len(c.probes) == 2
+    finally:
+        a.close()
+        b.close()
