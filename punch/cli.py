@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from rendezvous import logsetup, metrics
 
 from . import observe
-from .errors import PunchError
+from .errors import BadInterface, PunchError
 from .machine import Timing
 
 __all__ = ["main", "build_parser"]
@@ -272,11 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    probe_port=args.probe_port, probe_address=args.probe_address,
                    spray=args.spray, spray_count=args.spray_count, spray_rate=args.spray_rate,
                    observers=observers, relay=relay, nat_recheck=args.nat_recheck)
+    from .wg.errors import WgError
+
     try:
         result = run(opts)
     except PunchError as e:
         logsetup.fail("wg-punch", str(e), args.log_format)
         return e.exit_code
+    except WgError as e:  # the interface failed under a running client: one line too
+        logsetup.fail("wg-punch", str(e), args.log_format)
+        return BadInterface.exit_code
     except KeyboardInterrupt:
         return 0
     if result.message and result.code:

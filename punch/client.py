@@ -281,6 +281,20 @@ class Client:
         self.machine.update_device(now, _view(self.device, time.time()))
 
     def apply(self, action: Apply | v2machine.Apply | Keepalive) -> None:
+        """Set what ACTION says on the interface. If the interface cannot take it now
+        (gone for a moment: wg-quick down/up, wireguard-go restarted), say so and carry
+        on: once it is back, the device read shows the peer without our endpoint, and
+        the next answer sets it again."""
+        from .wg.errors import WgError  # loaded with the backend already
+
+        try:
+            self._apply(action)
+        except WgError as e:
+            log.warning("cannot set peer %s on %s: %s; setting it again once the interface "
+                        "is back", short_key(action.peer), self.opts.interface, e,
+                        extra=peer_fields(action.peer))
+
+    def _apply(self, action: Apply | v2machine.Apply | Keepalive) -> None:
         assert self.backend is not None
         if isinstance(action, Keepalive):
             self.backend.set_peer(action.peer, keepalive=action.keepalive)

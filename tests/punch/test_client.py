@@ -196,3 +196,46 @@ def test_daemon_picks_up_a_new_peer_and_stops_cleanly(ns):
     assert d.wait(10) == 0
     log = d.stderr.read().decode()
     assert "(daemon)" in log and "endpoint 127.0.0.1:51821" in log
+
+
+def test_a_daemon_outlives_its_interface_going_away_and_coming_back(ns):
+    """wg-quick down/up, or wireguard-go restarted, while the daemon runs: the interface
+    is gone when the daemon has an endpoint to set (the peer moved meanwhile). The
+    daemon says so and carries on; once the interface is back (the same key and port,
+    the peer without an endpoint, as a config file makes it) it sets the peer's
+    endpoint there."""
+    pair = Pair(ns)
+    port = start_server(ns)
+    server = f"127.0.0.1:{port}"
+    d = ns.popen([sys.executable, "-m", "punch", "--daemon", "--interval", "1", server,
+                  pair.ifs[0]])
+    r = punch(ns, "--wait", "--timeout", "20", server, pair.ifs[1])
+    assert r.returncode == 0, r.stderr
+    alice, bob = pair.ifs
+    _, bob_pub = pair.keys[1]
+    deadline = time.monotonic() + 10
+    while pair.dump(0)[0][2] != "127.0.0.1:51821" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pair.dump(0)[0][2] == "127.0.0.1:51821"
+    ns.run(["ip", "link", "del", alice])  # wireguard-go ends with its interface
+    ns.run(["wg", "set", bob, "listen-port", "51831"])
+    r = punch(ns, "--timeout", "10", server, bob)  # Bob registers from his new port
+    assert r.returncode == 0, r.stderr
+    time.sleep(3)  # Alice's daemon re-asks each second: Bob moved, and there is no wg0
+    alive = d.poll() is None
+    ns.start_wireguard_go(alice)
+    priv, _ = pair.keys[0]
+    ns.run(["wg", "set", alice, "listen-port", "51820", "private-key", "/dev/stdin",
+            "peer", bob_pub, "allowed-ips", "10.77.0.2/32"], input=priv)
+    deadline = time.monotonic() + 15
+    while alive and pair.dump(0)[0][2] != "127.0.0.1:51831" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    back = pair.dump(0)[0][2]
+    d.send_signal(signal.SIGTERM)
+    code = d.wait(10)
+    assert d.stderr is not None
+    err = d.stderr.read().decode()
+    assert alive, f"the daemon exited without its interface:\n{err}"
+    assert back == "127.0.0.1:51831", err
+    assert code == 0, err
+    assert re.search(rf"cannot set peer \S+ on {alice}: ", err), err
