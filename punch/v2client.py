@@ -148,6 +148,10 @@ class ClientV2(Client):
     def _nat_family(self) -> int:
         return 4 if 4 in self.servers else 6
 
+    def _check_failed(self, family: int, error: Exception) -> None:
+        log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, error,
+                    "unknown" if self.nat_verdict is None else "as it was")
+
     def _check_nat(self, device: Device, wg_port: int,
                    first_timestamp: int = 0) -> Verdict | None:
         """One NAT check from WG_PORT, waited for (the one at start: the first request
@@ -170,8 +174,7 @@ class ClientV2(Client):
         except NotPermitted:
             raise
         except (PunchError, OSError) as e:
-            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, e,
-                        "unknown" if self.nat_verdict is None else "as it was")
+            self._check_failed(family, e)
             return None
         finally:
             self.probe_next_ts = exchange.next_timestamp
@@ -217,8 +220,7 @@ class ClientV2(Client):
         except NotPermitted:
             raise
         except (PunchError, OSError) as e:
-            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, e,
-                        "unknown" if self.nat_verdict is None else "as it was")
+            self._check_failed(family, e)
             return None
         self.probe_ids = exchange.issued  # grows with every try the run sends
         return run
@@ -251,9 +253,7 @@ class ClientV2(Client):
         self.check = None
         run.close()
         if failed is not None:
-            log.warning("NAT check over IPv%d failed: %s; the verdict stays %s",
-                        self._nat_family(), failed,
-                        "unknown" if self.nat_verdict is None else "as it was")
+            self._check_failed(self._nat_family(), failed)
             self._end_check(now, None)
         elif run.wg_port != self.wg_port:
             log.info("NAT check again: WireGuard's port changed during it; no verdict")

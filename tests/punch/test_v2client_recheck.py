@@ -164,96 +164,89 @@ def test_after_a_failed_check_at_start_an_unanswered_one_is_no_change_a_real_one
     assert c.nat_verdict == HARD and c.nat_changes == 1 and c.machine.nat == HARD.code
 
 
-def test_the_check_runs_beside_the_loop_which_goes_on_meanwhile(caplog):
+@pytest.fixture
+def sockets():
+    """A real socket pair: the check waits on the first, the test answers on the second."""
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def checking(sock: socket.socket, verdict: Verdict = HARD) -> Scripted:
+    """A stuck client whose check (waiting on SOCK) started at t=31."""
+    c = stuck_client([verdict])
+    c.sock = sock
+    c._maybe_recheck(31.0)
+    return c
+
+
+def test_the_check_runs_beside_the_loop_which_goes_on_meanwhile(caplog, sockets):
     """A check that waits for its answer: the daemon's loop keeps polling and asking
     the server, the poller watches the check's socket until the answer is in, and the
     verdict lands then."""
-    c = stuck_client([HARD])
+    a, b = sockets
+    c = checking(a)
     m = c.machine
-    a, b = socket.socketpair()
-    try:
-        c.sock = a
-        c._maybe_recheck(31.0)
-        [run] = c.runs
-        assert not run.done and c.check is run and c.nat_changes == 0
-        assert c._side_wakeup() == 32.0  # its next try
-        assert c.poller.poll(0) == []    # its socket is watched, and quiet
-        c._side_turn(set(), 32.0)
-        assert run.tries == 2 and c._side_wakeup() == 33.0
-        c._maybe_recheck(32.5)           # a check runs: no second one
-        assert len(c.probes) == 1
-        # meanwhile the machine goes on: a request for the peer when it is due
-        sends = m.poll(60.0, WALL)
-        assert sends and all(s.body.nat == EASY.code for s in sends)
-        b.send(b"answer")
-        ready = {fd for fd, _ in c.poller.poll(1000)}
-        assert ready == {a.fileno()}
-        with caplog.at_level(logging.INFO, "wg-punch"):
-            c._side_turn(ready, 60.1)
-        assert run.done and run.closed and c.check is None
-        assert c.nat_verdict == HARD and m.nat == HARD.code and c.nat_changes == 1
-        assert c._side_wakeup() == float("inf")
-        b.send(b"late")
-        assert c.poller.poll(0) == []    # no longer watched
-        assert "checked again (a peer has waited 30 s for a working tunnel)" in caplog.text
-    finally:
-        a.close()
-        b.close()
+    [run] = c.runs
+    assert not run.done and c.check is run and c.nat_changes == 0
+    assert c._side_wakeup() == 32.0  # its next try
+    assert c.poller.poll(0) == []    # its socket is watched, and quiet
+    c._side_turn(set(), 32.0)
+    assert run.tries == 2 and c._side_wakeup() == 33.0
+    c._maybe_recheck(32.5)           # a check runs: no second one
+    assert len(c.probes) == 1
+    # meanwhile the machine goes on: a request for the peer when it is due
+    sends = m.poll(60.0, WALL)
+    assert sends and all(s.body.nat == EASY.code for s in sends)
+    b.send(b"answer")
+    ready = {fd for fd, _ in c.poller.poll(1000)}
+    assert ready == {a.fileno()}
+    with caplog.at_level(logging.INFO, "wg-punch"):
+        c._side_turn(ready, 60.1)
+    assert run.done and run.closed and c.check is None
+    assert c.nat_verdict == HARD and m.nat == HARD.code and c.nat_changes == 1
+    assert c._side_wakeup() == float("inf")
+    b.send(b"late")
+    assert c.poller.poll(0) == []    # no longer watched
+    assert "checked again (a peer has waited 30 s for a working tunnel)" in caplog.text
 
 
-def test_a_check_over_a_port_that_changed_meanwhile_gives_no_verdict():
-    c = stuck_client([HARD])
-    a, b = socket.socketpair()
-    try:
-        c.sock = a
-        c._maybe_recheck(31.0)
-        c.wg_port = 51821  # WireGuard's port moved (refresh_device reopened the channels)
-        b.send(b"answer")
-        c._side_turn({a.fileno()}, 31.2)
-        assert c.check is None and c.nat_checks == 1 and c.nat_changes == 0
-        assert c.nat_verdict == EASY
-    finally:
-        a.close()
-        b.close()
+def test_a_check_over_a_port_that_changed_meanwhile_gives_no_verdict(sockets):
+    a, b = sockets
+    c = checking(a)
+    c.wg_port = 51821  # WireGuard's port moved (refresh_device reopened the channels)
+    b.send(b"answer")
+    c._side_turn({a.fileno()}, 31.2)
+    assert c.check is None and c.nat_checks == 1 and c.nat_changes == 0
+    assert c.nat_verdict == EASY
 
 
-def test_closing_the_client_closes_a_check_in_progress():
-    c = stuck_client([HARD])
-    a, b = socket.socketpair()
-    try:
-        c.sock = a
-        c._maybe_recheck(31.0)
-        [run] = c.runs
-        c.close()
-        assert run.closed and c.check is None
-    finally:
-        a.close()
-        b.close()
+def test_closing_the_client_closes_a_check_in_progress(sockets):
+    c = checking(sockets[0])
+    [run] = c.runs
+    c.close()
+    assert run.closed and c.check is None
 
 
-def test_a_check_whose_socket_fails_ends_without_a_verdict_and_the_daemon_goes_on(caplog):
+def test_a_check_whose_socket_fails_ends_without_a_verdict_and_the_daemon_goes_on(
+        caplog, sockets):
     class Failing(Run):
         def readable(self, fd: int) -> None:
             raise OSError(100, "Network is down")
 
-    c = stuck_client([HARD])
-    a, b = socket.socketpair()
-    try:
-        c.sock = a
-        c._maybe_recheck(31.0)
-        [run] = c.runs
-        run.__class__ = Failing
-        b.send(b"answer")
-        with caplog.at_level(logging.WARNING, "wg-punch"):
-            c._side_turn({a.fileno()}, 31.2)
-        assert c.check is None and run.closed and c.nat_checks == 1 and c.nat_changes == 0
-        assert c.nat_verdict == EASY
-        assert c.poller.poll(0) == []  # no longer watched
-        assert "NAT check over IPv4 failed: [Errno 100] Network is down; the verdict stays " \
-               "as it was" in caplog.text
-        c.verdicts.append(HARD)
-        c._maybe_recheck(92.0)  # the next one, backed off, runs as usual
-        assert len(c.probes) == 2
-    finally:
-        a.close()
-        b.close()
+    a, b = sockets
+    c = checking(a)
+    [run] = c.runs
+    run.__class__ = Failing
+    b.send(b"answer")
+    with caplog.at_level(logging.WARNING, "wg-punch"):
+        c._side_turn({a.fileno()}, 31.2)
+    assert c.check is None and run.closed and c.nat_checks == 1 and c.nat_changes == 0
+    assert c.nat_verdict == EASY
+    assert c.poller.poll(0) == []  # no longer watched
+    assert "NAT check over IPv4 failed: [Errno 100] Network is down; the verdict stays " \
+           "as it was" in caplog.text
+    c.verdicts.append(HARD)
+    c._maybe_recheck(92.0)  # the next one, backed off, runs as usual
+    assert len(c.probes) == 2
