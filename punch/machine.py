@@ -14,7 +14,7 @@ shared with the v2 machine.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rendezvous.classic import REPLY_LEN, ClassicError, Endpoint, Request, decode_reply
 
@@ -172,6 +172,10 @@ class Punch:
         st.status = Status.APPLIED
         st.applied, st.applied_at = answer, now
         st.rx_changed_at = now  # give the new endpoint a full keepalive period
+        # What WireGuard has now, until the next read of the device: a second answer
+        # with the same endpoint before that read is then not applied again.
+        st.view = replace(st.view or PeerView(st.key), endpoint=(answer.ip, answer.port),
+                          keepalive=self.timing.keepalive)
         self.counters.applied += 1
         return [action]
 

@@ -222,3 +222,25 @@ def test_without_handshake_lists_peers_never_seen():
     m = Punch(T)
     m.update_device(0.0, dev(PeerView(P1), PeerView(P2, ("10.0.0.5", 1), handshake_age=3.0)))
     assert [s.key for s in m.without_handshake(0.0)] == [P1]
+
+
+def test_a_second_answer_before_the_next_device_read_is_not_applied_again():
+    """The daemon re-asks faster than it reads the device (--interval 1): the answer
+    after ours must not set the same endpoint again (another keepalive toggle and poke)
+    because the device view it sees is the one from before our set."""
+    m = Punch(T, daemon=True)
+    m.update_device(0.0, dev(PeerView(P1)))
+    only_send(m.poll(0.0))
+    [a] = m.on_reply(0.1, E1.packed())
+    assert isinstance(a, Apply) and a.endpoint == E1
+    t = m.next_wakeup()
+    only_send(m.poll(t))
+    assert m.on_reply(t + 0.1, E1.packed()) == []
+    assert m.counters.applied == 1 and m.counters.late == 0
+    # the device read after it shows WireGuard never took it (the interface was gone):
+    # the next answer sets it again
+    t = m.next_wakeup()
+    m.update_device(t, dev(PeerView(P1)))
+    only_send(m.poll(t))
+    [again] = m.on_reply(t + 0.1, E1.packed())
+    assert isinstance(again, Apply) and again.reason == "no endpoint"
