@@ -114,17 +114,29 @@ def test_spray_gets_a_direct_tunnel_through_one_symmetric_nat(make_lab, tmp_path
 
 
 def test_without_the_spray_no_direct_tunnel(make_lab, tmp_path) -> None:
-    """The control: the same lab with --no-spray on the easy side gives no handshake."""
+    """The control: the same lab with --no-spray on the easy side gives no handshake,
+    unless Alice's symmetric NAT happens to pick, toward Bob, the very port it picked
+    toward the server (1 in 256; seen once in CI): then the endpoint the server reported
+    is right, and Bob's WireGuard never roams from it. Such a run is redone."""
     lab = make_lab("symmetric", "cone", v2=True, probe_port=PROBE_PORT,
                    sym_ports=f"{BLOCK[0]}-{BLOCK[1]}")
-    lab.start_server()
-    a = lab.punch("alice", "--wait", "--timeout", "7", "--state-dir", str(tmp_path / "a"))
-    time.sleep(0.3)
-    b = lab.punch("bob", "--wait", "--timeout", "7", "--no-spray", "--state-dir",
-                  str(tmp_path / "b"))
-    for p in (a, b):
-        p.communicate(timeout=30)
-        assert p.returncode == 8  # no handshake
+    for _ in range(3):
+        server = lab.start_server()
+        a = lab.punch("alice", "--wait", "--timeout", "7", "--state-dir", str(tmp_path / "a"))
+        time.sleep(0.3)
+        b = lab.punch("bob", "--wait", "--timeout", "7", "--no-spray", "--state-dir",
+                      str(tmp_path / "b"))
+        runs = {}
+        for p, who in ((a, "alice"), (b, "bob")):
+            _, err = p.communicate(timeout=30)
+            runs[who] = (p.returncode, err.decode())
+        if runs["alice"][0] == runs["bob"][0] == 8:  # no handshake
+            return
+        told = re.search(r"peer \S+: endpoint (\S+) \(", runs["bob"][1])
+        assert told and lab.endpoint("bob") == told.group(1), runs  # else a real tunnel
+        lab.stop(server)
+        _reset(lab)
+    pytest.fail("a direct tunnel without the spray three times in a row")
 
 
 def test_daemons_keep_the_sprayed_tunnel_across_re_asks(make_lab, tmp_path) -> None:
