@@ -91,15 +91,15 @@ class V2Exchange:
 
     Timestamps come from STAMPS when given: a probe that runs while the client goes on
     sending its own requests (the daemon's re-check) then never reuses or reorders one
-    of theirs. Else from the wall clock, from FIRST_TIMESTAMP up."""
+    of theirs. Else from the wall clock (the check at start, ``wg-punch netcheck``)."""
 
     RETRY = ("", -1)
 
     def __init__(self, crypto: ClientCrypto, my_key: bytes, nat: int = 0,
-                 first_timestamp: int = 0, stamps: Stamps | None = None) -> None:
+                 stamps: Stamps | None = None) -> None:
         self.crypto, self.my_key, self.nat = crypto, my_key, nat
         self.stamps = stamps
-        self._next_ts = first_timestamp  # a running client's next timestamp
+        self._next_ts = 0  # without STAMPS: the lowest timestamp to use next
         self._ids: dict[str, int] = {}
         self.issued: set[int] = set()  # every request id sent (their replies may also
                                        # reach a running client's own raw socket)

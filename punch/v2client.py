@@ -152,8 +152,7 @@ class ClientV2(Client):
         log.warning("NAT check over IPv%d failed: %s; the verdict stays %s", family, error,
                     "unknown" if self.nat_verdict is None else "as it was")
 
-    def _check_nat(self, device: Device, wg_port: int,
-                   first_timestamp: int = 0) -> Verdict | None:
+    def _check_nat(self, device: Device, wg_port: int) -> Verdict | None:
         """One NAT check from WG_PORT, waited for (the one at start: the first request
         carries its verdict); None (logged) when the probe could not run. The lowest
         timestamp the client may use next is left in ``probe_next_ts``."""
@@ -166,8 +165,7 @@ class ClientV2(Client):
         family = self._nat_family()
         server = self.servers[family]
         exchange = V2Exchange(self.crypto, device.public_key,
-                              self.nat_verdict.code if self.nat_verdict else 0,
-                              first_timestamp)
+                              self.nat_verdict.code if self.nat_verdict else 0)
         try:
             obs, _ = probe(server, wg_port, ProbeConfig(opts.probe_port, opts.probe_address),
                            exchange)
