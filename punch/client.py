@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rendezvous.classic import DEFAULT_PORT, short_key
 from rendezvous.logsetup import peer_fields
 
-from .errors import BadInterface, NotPermitted, ServerUnresolvable
+from .errors import BadInterface, NotPermitted, PunchError, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
@@ -166,6 +166,7 @@ class Client:
         self.device: Device | None = None
         self.machine: Punch | v2machine.PunchV2 = self._make_machine()
         self.poller = select.poll()
+        self._reopen_failed = 0  # the listen port the channels could not be reopened on
 
     def _make_machine(self) -> Punch | v2machine.PunchV2:
         opts = self.opts
@@ -264,21 +265,42 @@ class Client:
             log.warning("cannot read %s: %s", self.opts.interface, e)
             return
         if self.device.listen_port and self.device.listen_port != self.wg_port:
-            log.warning("%s listen port changed to %d: reopening", self.opts.interface,
-                        self.device.listen_port)
-            from .rawsock import open_channel
-
-            reopened = []
-            for old in self.channels:
-                self.poller.unregister(old.fileno())
-                old.close()
-                ch = open_channel(old.server, self.device.listen_port)
-                ch.arm()
-                self.poller.register(ch.fileno(), select.POLLIN)
-                reopened.append(ch)
-            self.channels = reopened
-            self.wg_port = self.device.listen_port
+            self._reopen_channels(self.device.listen_port)
         self.machine.update_device(now, _view(self.device, time.time()))
+
+    def _reopen_channels(self, port: int) -> None:
+        """WireGuard listens on PORT now: send from it. The new channels are opened before
+        the old ones close, so a failure (no descriptors left, the filter refused) keeps
+        the daemon running on the old ones, and the next device read tries again."""
+        from .rawsock import open_channel
+
+        again = port == self._reopen_failed
+        (log.debug if again else log.warning)(
+            "%s listen port changed from %d to %d: reopening", self.opts.interface,
+            self.wg_port, port)
+        reopened: list[RawChannel] = []
+        try:
+            for old in self.channels:
+                reopened.append(open_channel(old.server, port))
+                reopened[-1].arm()
+        except (OSError, PunchError) as e:
+            for ch in reopened:
+                ch.close()
+            (log.debug if again else log.warning)(
+                "cannot reopen the channels on port %d: %s; still sending from port %d, "
+                "trying again at each device read", port, e, self.wg_port)
+            self._reopen_failed = port
+            return
+        if self._reopen_failed:
+            log.warning("reopened the channels on port %d", port)
+            self._reopen_failed = 0
+        for old in self.channels:
+            self.poller.unregister(old.fileno())
+            old.close()
+        for ch in reopened:
+            self.poller.register(ch.fileno(), select.POLLIN)
+        self.channels = reopened
+        self.wg_port = port
 
     def apply(self, action: Apply | v2machine.Apply | Keepalive) -> None:
         """Set what ACTION says on the interface. If the interface cannot take it now

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,6 +67,21 @@ def start_server(ns: Netns, *args: str) -> int:
 
 def punch(ns: Netns, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return ns.run([sys.executable, "-m", "punch", *args], check=False, timeout=timeout)
+
+
+def registered_at(ns: Netns, port: int, pub: str) -> int | None:
+    """The port the server at 127.0.0.1:PORT holds for key PUB (a classic lookup from
+    an unregistered key), or None if it holds none or does not answer."""
+    with ns.entered():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(1)
+        s.sendto(bytes(range(1, 33)) + base64.b64decode(pub), ("127.0.0.1", port))
+        try:
+            reply = s.recv(64)
+        except TimeoutError:
+            return None
+    return int.from_bytes(reply[4:6], "big") if len(reply) == 6 else None
 
 
 def test_two_peers_find_each_other_and_handshake(ns):
@@ -196,6 +212,48 @@ def test_daemon_picks_up_a_new_peer_and_stops_cleanly(ns):
     assert d.wait(10) == 0
     log = d.stderr.read().decode()
     assert "(daemon)" in log and "endpoint 127.0.0.1:51821" in log
+
+
+def test_a_daemon_follows_a_new_listen_port_even_when_the_first_reopen_fails(ns):
+    """WireGuard's listen port changes under a running daemon, at a moment when its new
+    raw socket cannot take the reply filter (the namespace's option memory,
+    net.core.optmem_max, is cut to 64 bytes). The daemon keeps its old channel, says so
+    once, and tries again at each device read; once the filter fits again it sends from
+    the new port, so the server, and then Bob, learn Alice's new endpoint."""
+    pair = Pair(ns)
+    port = start_server(ns)
+    server = f"127.0.0.1:{port}"
+    alice, bob = pair.ifs
+    d = ns.popen([sys.executable, "-m", "punch", "--daemon", "--interval", "1", server, alice])
+    _, alice_pub = pair.keys[0]
+    deadline = time.monotonic() + 15
+    while registered_at(ns, port, alice_pub) != 51820 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    optmem = ns.run(["sysctl", "-n", "net.core.optmem_max"]).stdout.strip()
+    ns.run(["sysctl", "-qw", "net.core.optmem_max=64"])
+    try:
+        ns.run(["wg", "set", alice, "listen-port", "51840"])
+        time.sleep(3)  # three device reads, three failed reopens
+        alive = d.poll() is None
+        stale = registered_at(ns, port, alice_pub)
+    finally:
+        ns.run(["sysctl", "-qw", f"net.core.optmem_max={optmem}"])
+    deadline = time.monotonic() + 10
+    while alive and registered_at(ns, port, alice_pub) != 51840 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    moved = registered_at(ns, port, alice_pub)
+    r = punch(ns, "--timeout", "5", server, bob)
+    d.send_signal(signal.SIGTERM)
+    code = d.wait(10)
+    assert d.stderr is not None
+    err = d.stderr.read().decode()
+    assert alive, f"the daemon exited when it could not reopen its channel:\n{err}"
+    assert stale == 51820, err  # meanwhile it went on from the old port
+    assert moved == 51840, err
+    assert r.returncode == 0 and pair.dump(1)[0][2] == "127.0.0.1:51840", r.stderr
+    assert code == 0, err
+    assert err.count("cannot reopen the channels on port 51840") == 1, err
+    assert "reopened the channels on port 51840" in err, err
 
 
 def test_a_daemon_outlives_its_interface_going_away_and_coming_back(ns):
