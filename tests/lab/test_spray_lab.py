@@ -104,7 +104,9 @@ def test_spray_gets_a_direct_tunnel_through_one_symmetric_nat(make_lab, tmp_path
         assert lab.ping(hard, lab.info[f"{easy.upper()}_TUN"], count=1)
         # Counted at the router: the spray plus one poke, only toward the reported address.
         to_hard, elsewhere = _counts(lab, easy_nat)
-        assert (to_hard, elsewhere) == (513 * (run + 1), 0)
+        assert (to_hard, elsewhere) == (513 * (run + 1), 0), (
+            f"run {run}: {to_hard} empty datagrams toward {hard_pub}, {elsewhere} "
+            f"elsewhere; {easy}'s log:\n{logs[easy]}\n{hard}'s log:\n{logs[hard]}")
         lab.stop(server)
         _reset(lab)
         run += 1
