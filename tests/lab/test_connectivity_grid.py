@@ -260,8 +260,11 @@ def test_grid_merges_a_real_same_lan_run_into_a_report(tmp_path) -> None:
     committed = (REPO / "docs" / "CONNECTIVITY.md").read_text()
     md, js = tmp_path / "grid.md", tmp_path / "grid.json"
     md.write_text(committed)
+    # --relay-after 10, not the grid's 3: this test is about the merge and the hairpin,
+    # and on a loaded CI machine the hairpin handshake once took longer than 3 s.
     r = subprocess.run([sys.executable, GRID, "-n", "1", "--pair", "lan/lan", "--merge",
-                        "--output", str(md), "--json", str(js), "--prefix", prefix],
+                        "--relay-after", "10", "--output", str(md), "--json", str(js),
+                        "--prefix", prefix],
                        check=False, capture_output=True, text=True, env=script_env(prefix),
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
