@@ -51,8 +51,9 @@ def free_port() -> int:
 def memory(peers: list[int]) -> int:
     print("== memory: bench/registry_memory.py", flush=True)
     rc = 0
-    for what in ("registry", "service", "v2"):
-        counts = peers if what != "v2" else [min(peers)]  # v2: ~750 B a client
+    for what in ("registry", "service", "v2", "v2keys"):
+        # v2: ~800 B a client, and ~320 B for its keys (an X25519 each to fill)
+        counts = peers if not what.startswith("v2") else [min(peers)]
         cmd = [sys.executable, str(HERE / "registry_memory.py"), "--what", what,
                "--peers", *map(str, counts)]
         print("$", " ".join(cmd), flush=True)

@@ -122,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forget a key not refreshed for S seconds, and (v2) a request for a "
                         "peer not repeated for S seconds (default 180)")
     p.add_argument("--max-peers", type=_nonneg(int), default=1_000_000, metavar="N",
-                   help="table capacity (classic and v2 each); when full, the least "
-                        "recently refreshed key is evicted (default 1000000)")
+                   help="table capacity (classic and v2 each; v2 also caches this many "
+                        "clients' derived keys, so a returning client costs no X25519); "
+                        "when full, the least recently refreshed key is evicted "
+                        "(default 1000000)")
     p.add_argument("--rate", type=_nonneg(float), default=200.0, metavar="R",
                    help="requests per second allowed per source IP (IPv6: per /64), both "
                         "protocols together; 0 = no limit (default 200, enough for a "
@@ -305,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .v2.keys import KeyFormatError
         try:
             private, loose_key = _read_server_key(args.key)
-            crypto = ServerCrypto(private)
+            # as many clients' keys as the table holds clients (~330 B each; the
+            # 4,096 most recent also keep their ready AEADs, ~4.4 KB each)
+            crypto = ServerCrypto(private, cache_size=args.max_peers)
         except KeyFormatError as e:
             return _fail(f"--key: {e}")
         except OSError as e:

@@ -356,6 +356,6 @@ class V2Service:
         c = self.counters
         return {**c, "stale": c["stale_replay"] + c["stale_skew"], "peers": len(r),
                 "asks": r.asks, "evicted": r.stats.evicted, "expired": r.stats.expired,
-                "keys_cached": len(self.crypto),
+                "keys_cached": len(self.crypto), "keys_ready": self.crypto.ready,
                 **({f"relay_{k}": v for k, v in self.relay.table.snapshot().items()}
                    if self.relay is not None else {})}

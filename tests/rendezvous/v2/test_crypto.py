@@ -412,6 +412,61 @@ def test_cache_counts_and_lru_eviction() -> None:
     assert server.cache_hits == 4
 
 
+def test_two_levels_keep_one_lru_order_over_both() -> None:
+    """3 clients cached, 1 with ready AEADs: a client that was moved down is a hit (no
+    X25519) when it comes back, and the one dropped when a 4th arrives is the least
+    recently seen over both levels."""
+    server = ServerCrypto(generate_private_key(), cache_size=3, hot_size=1)
+    a, b, c, d = (ClientCrypto(generate_private_key(), server.server_public) for _ in range(4))
+    ts = iter(range(1, 100))
+
+    def open_(cl: ClientCrypto) -> None:
+        t = next(ts)
+        assert server.open_request(cl.seal_request(RequestBody(t, t, PEER)))[1].timestamp == t
+
+    for cl in (a, b, c):
+        open_(cl)
+    assert (server.cache_misses, len(server), server.ready) == (3, 3, 1)
+    open_(a)  # from the second level: rebuilt, not derived; now b, c below, a ready
+    assert (server.cache_hits, server.cache_misses, server.ready) == (1, 3, 1)
+    open_(d)  # full: b, the least recently seen, goes
+    assert (server.cache_misses, len(server)) == (4, 3)
+    for cl in (c, a, d):
+        open_(cl)
+    assert (server.cache_hits, server.cache_misses) == (4, 4)
+    open_(b)
+    assert server.cache_misses == 5
+
+
+def test_a_rebuilt_pair_seals_and_opens_what_the_client_expects() -> None:
+    """A reply sealed for a client whose keys sat in the second level opens at the
+    client; a tampered request under such a key fails and leaves the key cached."""
+    server = ServerCrypto(generate_private_key(), cache_size=2, hot_size=1)
+    a, b = (ClientCrypto(generate_private_key(), server.server_public) for _ in range(2))
+    server.open_request(a.seal_request(RequestBody(1, 1, PEER)))
+    server.open_request(b.seal_request(RequestBody(1, 1, PEER)))  # a moves down
+    reply = ReplyBody(1, Status.PENDING, 1, V4)
+    assert a.open(server.seal_reply(a.client_public, reply)) == reply  # a rebuilt, b down
+    bad = bytearray(b.seal_request(RequestBody(2, 2, PEER)))
+    bad[-1] ^= 1
+    with pytest.raises(AuthError):
+        server.open_request(bytes(bad))
+    hits, misses = server.cache_hits, server.cache_misses
+    assert server.open_request(b.seal_request(RequestBody(3, 3, PEER)))[1].timestamp == 3
+    assert (server.cache_hits - hits, server.cache_misses - misses, len(server)) == (1, 0, 2)
+
+
+def test_hot_size_is_checked_and_capped_by_the_cache_size() -> None:
+    with pytest.raises(ValueError, match="hot_size -1 is not a non-negative integer"):
+        ServerCrypto(generate_private_key(), hot_size=-1)
+    assert ServerCrypto(generate_private_key(), cache_size=5, hot_size=10).hot_size == 5
+    server = ServerCrypto(generate_private_key(), cache_size=2, hot_size=0)
+    c = ClientCrypto(generate_private_key(), server.server_public)
+    for t in (1, 2):  # every use rebuilds the pair, none is kept ready
+        server.open_request(c.seal_request(RequestBody(t, t, PEER)))
+    assert (server.cache_hits, server.cache_misses, len(server), server.ready) == (1, 1, 1, 0)
+
+
 def test_failed_open_does_not_poison_the_cache() -> None:
     server = ServerCrypto(generate_private_key(), cache_size=2)
     good = [ClientCrypto(generate_private_key(), server.server_public) for _ in range(2)]
