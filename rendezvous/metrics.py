@@ -58,7 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PREFIX = "wgpunch_rendezvous_"
-GAUGES = frozenset({"peers", "rate_buckets", "relays", "consents", "store_up"})
+GAUGES = frozenset({"peers", "rate_buckets", "relays", "consents", "store_up",
+                    "v2_peers", "v2_asks", "v2_keys_cached", "v2_keys_ready"})
 SKIP = frozenset({"requests"})
 
 _RENAMED = {
@@ -77,6 +78,10 @@ _HELP = {
     "dropped": "Datagrams dropped without a reply, by reason.",
     "notifications": "Notifications to clients, by result.",
     "peers": "Keys in the registry (table size).",
+    "v2_peers": "v2 clients registered (table size).",
+    "v2_asks": "v2 asks held (a client asking for a peer not registered yet).",
+    "v2_keys_cached": "v2 clients whose derived keys are cached (both levels).",
+    "v2_keys_ready": "v2 clients whose ready AEAD objects are cached (the first level).",
     "rate_limited": "Datagrams dropped because their source was over its rate limit.",
     "evictions": "Keys evicted because the table was full (least recently refreshed).",
     "expiries": "Keys forgotten because they were not refreshed within --ttl.",

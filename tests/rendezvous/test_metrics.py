@@ -42,6 +42,12 @@ A, B, C = b"A" * 32, b"B" * 32, b"C" * 32
     ("expired", Sample("expiries", "counter")),
     ("send_failed", Sample("send_failures", "counter")),
     ("peers", Sample("peers", "gauge")),
+    # table sizes of v2: gauges, though prefixed (they were counters, which go down)
+    ("v2_peers", Sample("v2_peers", "gauge")),
+    ("v2_asks", Sample("v2_asks", "gauge")),
+    ("v2_keys_cached", Sample("v2_keys_cached", "gauge")),
+    ("v2_keys_ready", Sample("v2_keys_ready", "gauge")),
+    ("v2_evicted", Sample("v2_evicted", "counter")),
     ("relays_active", Sample("relays_active", "gauge")),
     ("relay_bytes", Sample("relay_bytes", "counter")),  # a new key: exported as it is
     ("requests", None),  # the sum of requests_total: not exported twice

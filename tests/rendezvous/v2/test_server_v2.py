@@ -362,3 +362,31 @@ def test_probe_port_answers_v2_self_requests_with_observed(tmp_path):
     finally:
         rc, log = s.finish()
     assert rc == 0 and "probes=2" in log and "probe_refused=2" in log, log
+
+
+def test_v2_table_sizes_are_gauges_in_the_metrics(tmp_path):
+    """The v2 table sizes go down as well as up (expiry, eviction): a scrape shows them
+    as gauges (no ``_total``), with the values of what the test registered."""
+    pytest.importorskip("prometheus_client")
+    from tests.rendezvous.test_metrics import scrape
+
+    s = V2Server(tmp_path, "--listen", "127.0.0.1", "--metrics", "127.0.0.1:0")
+    try:
+        assert s.proc.stderr is not None
+        while not any("metrics on " in line for line in s.lines):
+            s.lines.append(s.proc.stderr.readline())
+        url = re.search(r"metrics on (\S+)", "".join(s.lines)).group(1)
+        alice, bob = Peer(s), Peer(s)
+        with udp("127.0.0.1") as sa, udp("127.0.0.1") as sb:
+            assert alice.ask(sa, bob, "127.0.0.1").status is Status.PENDING
+            assert bob.ask(sb, alice, "127.0.0.1").status is Status.FOUND
+        got = scrape(url)
+    finally:
+        code, err = s.finish()
+    assert code == 0, err
+    assert got[("wgpunch_rendezvous_v2_peers", ())] == 2, got
+    assert got[("wgpunch_rendezvous_v2_keys_cached", ())] == 2
+    assert got[("wgpunch_rendezvous_v2_keys_ready", ())] == 2
+    assert ("wgpunch_rendezvous_v2_asks", ()) in got
+    assert not [k for k in got if re.match(r"wgpunch_rendezvous_v2_(peers|asks|keys_)", k[0])
+                and k[0].endswith("_total")], got
