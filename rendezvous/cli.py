@@ -155,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 10)")
     v2.add_argument("--notify-burst", type=_nonneg(float), default=20.0, metavar="B",
                     help="burst of notifications allowed per client key (default 20)")
+    v2.add_argument("--new-key-rate", type=_nonneg(float), default=5000.0, metavar="R",
+                    help="client keys not seen before (or forgotten) that may be opened "
+                         "per second, each an X25519 + HKDF (~45 us); beyond it such "
+                         "datagrams are dropped and counted (new_key_limited), so a flood "
+                         "of forged keys cannot starve the clients already known; 0 = no "
+                         "limit (default 5000)")
+    v2.add_argument("--new-key-burst", type=_nonneg(float), default=10000.0, metavar="B",
+                    help="burst of new keys allowed at once, e.g. clients coming back "
+                         "after a restart (default 10000)")
     _relay_arguments(p)
     st = p.add_argument_group(
         "scale-out (docs/OPERATIONS.md)", "several servers, or several processes on one "
@@ -293,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.notify_rate > 0 and args.notify_burst < 1:
         return _fail("--notify-burst must be at least 1 when --notify-rate is on")
+    if args.new_key_rate > 0 and args.new_key_burst < 1:
+        return _fail("--new-key-burst must be at least 1 when --new-key-rate is on")
     if args.require_auth and args.key is None:
         return _fail("--require-auth needs --key FILE (the server's private key)")
     if args.require_auth and args.classic:
@@ -351,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "needs at least one relay port per worker")
     config = Config(ttl=args.ttl, max_peers=args.max_peers, rate=args.rate, burst=args.burst,
                     classic=classic, max_skew=args.max_skew, notify_rate=args.notify_rate,
-                    notify_burst=args.notify_burst, relay=relay, relay_addresses=relay_addresses)
+                    notify_burst=args.notify_burst, new_key_rate=args.new_key_rate,
+                    new_key_burst=args.new_key_burst, relay=relay,
+                    relay_addresses=relay_addresses)
 
     def run(worker: int | None) -> int:
         return _serve(args, config, crypto, loose_key, listen, probe, store_url, worker,
@@ -412,7 +425,9 @@ def _serve(args: argparse.Namespace, config: Config, crypto: Any, loose_key: boo
         skew = f"{args.max_skew:g}s" if args.max_skew > 0 else "off"
         notify = (f"{args.notify_rate:g}/s burst {args.notify_burst:g}"
                   if args.notify_rate > 0 else "unlimited")
-        protocols.append(f"v2 (max skew {skew}, notify {notify} per key, "
+        new_keys = (f"{args.new_key_rate:g}/s burst {args.new_key_burst:g}"
+                    if args.new_key_rate > 0 else "unlimited")
+        protocols.append(f"v2 (max skew {skew}, notify {notify} per key, new keys {new_keys}, "
                          f"server public key {encode_key(crypto.server_public)})")
     who = f"worker {worker} (pid {os.getpid()}) " if worker is not None else ""
     log.info("%slistening on %s (ttl %gs, max peers %d, rate limit per source %s; %s)",

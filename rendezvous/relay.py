@@ -27,7 +27,7 @@ opened (:meth:`rendezvous.v2.crypto.ServerCrypto.open_bind`).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,7 @@ __all__ = [
 Source = bytes
 
 DROP_REASONS = ("unbound", "peer_unbound", "over_limit", "bad_bind", "bind_no_pair",
-                "bind_stale", "bind_auth")
+                "bind_stale", "bind_auth", "bind_new_key_limited")
 REFUSALS = ("busy", "full")
 
 
@@ -279,9 +279,12 @@ class Relay:
     """
 
     def __init__(self, table: RelayTable, crypto: ServerCrypto, bind_rate: float = 20.0,
-                 bind_burst: float = 40.0) -> None:
+                 bind_burst: float = 40.0,
+                 may_derive: Callable[[bytes, float], bool] | None = None) -> None:
         self.table = table
         self.crypto = crypto
+        # the service's budget for keys not cached yet (None: none)
+        self.may_derive = may_derive
         self.limiter = RateLimiter(bind_rate, bind_burst, max_sources=65536)
 
     def handle(self, port: int, data: bytes, source: Source, now: float) -> Source | None:
@@ -297,6 +300,9 @@ class Relay:
         table = self.table
         if len(data) < BIND_LEN or not self.limiter.allow(source[:-2], now):
             table.count_drop("bad_bind")
+            return
+        if self.may_derive is not None and not self.may_derive(data, now):
+            table.count_drop("bind_new_key_limited")
             return
         try:
             key, body = self.crypto.open_bind(data)

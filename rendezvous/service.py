@@ -50,6 +50,8 @@ class Config:
     max_skew: float = 300.0  # v2 timestamp window, seconds; 0 = none
     notify_rate: float = 10.0  # v2 notifications per second per notified key; 0 = no limit
     notify_burst: float = 20.0
+    new_key_rate: float = 5000.0  # v2 keys not cached, derived per second; 0 = no limit
+    new_key_burst: float = 10000.0
     relay: RelayConfig | None = None  # v2 relay fallback; None = off
     relay_addresses: tuple[bytes, ...] = ()  # where clients reach the relay (packed)
 
@@ -89,6 +91,7 @@ class Service:
         self.v2 = None if crypto is None else V2Service(V2Config(
             ttl=config.ttl, max_peers=config.max_peers, max_skew=config.max_skew,
             notify_rate=config.notify_rate, notify_burst=config.notify_burst,
+            new_key_rate=config.new_key_rate, new_key_burst=config.new_key_burst,
             relay=config.relay, relay_addresses=config.relay_addresses), crypto, store)
         self.wall_offset_ns = 0  # wall clock minus ``now``, in ns: see set_wall_clock
 
@@ -180,7 +183,7 @@ class Service:
         wall_ns = self._v2_admitted(data, source, now, wall_ns)
         if wall_ns is None:
             return None
-        reply = self.v2.probe(data, source, wall_ns)
+        reply = self.v2.probe(data, source, wall_ns, now)
         if reply is None:
             c.probe_refused += 1
         else:

@@ -213,6 +213,11 @@ class ServerCrypto:
         """Number of cached client keys (both levels)."""
         return len(self._hot) + len(self._keys)
 
+    def cached(self, client_pub: bytes) -> bool:
+        """Whether CLIENT_PUB's keys are cached (opening its datagrams needs no X25519);
+        a peek: the LRU order does not change."""
+        return client_pub in self._hot or client_pub in self._keys
+
     @property
     def ready(self) -> int:
         """How many of them keep ready AEAD objects (the first level)."""

@@ -29,6 +29,8 @@ from .directory import LocalDirectory, SharedDirectory
 from .state import V2Registry
 from .wire import (
     FLAG_RELAY,
+    HEADER_LEN,
+    REQUEST_AD_LEN,
     Endpoint,
     NotifyBody,
     RelayBody,
@@ -46,7 +48,7 @@ COUNTERS = ("requests", "found", "pending", "stale_replay", "stale_skew", "auth_
             "malformed", "bad_source", "notifications", "notify_limited", "notify_dropped",
             "oversize", "relay_offered", "relay_off", "relay_no_consent", "relay_refused",
             "relay_no_address", "store_unavailable", "store_errors", "notify_remote",
-            "relay_remote", "stale_replay_shared")
+            "relay_remote", "stale_replay_shared", "new_key_limited")
 
 _MAX_OUTBOX = 4096
 
@@ -59,6 +61,9 @@ class V2Config:
     notify_rate: float = 10.0  # notifications per second per notified key; 0 = no limit
     notify_burst: float = 20.0
     max_asks_per_client: int = 1024
+    # keys not in the cache, derived (an X25519 + HKDF each) per second; 0 = no limit
+    new_key_rate: float = 5000.0
+    new_key_burst: float = 10000.0
     relay: RelayConfig | None = None  # None: no relay (requests with FLAG_RELAY counted)
     relay_addresses: tuple[bytes, ...] = ()  # 4- or 16-byte addresses the relay is at,
     # used when the request's local address is unknown (at most one per family)
@@ -95,7 +100,17 @@ class V2Service:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.outbox: list[Notification] = []
         self._last_time = 0
-        self.relay = None if config.relay is None else Relay(RelayTable(config.relay), crypto)
+        # One bucket for the whole server: what a flood of unknown (or forged) keys may
+        # cost, so that the clients already known are still answered during one.
+        self.new_keys = RateLimiter(config.new_key_rate, config.new_key_burst, max_sources=1)
+        self.relay = None if config.relay is None else Relay(RelayTable(config.relay), crypto,
+                                                             may_derive=self.may_derive)
+
+    def may_derive(self, datagram: bytes, now: float) -> bool:
+        """Whether DATAGRAM (a request or a bind: the client key at bytes 8-40) may be
+        opened at NOW: its key is cached, or the budget for new keys allows one more."""
+        return self.crypto.cached(datagram[HEADER_LEN:REQUEST_AD_LEN]) or \
+            self.new_keys.allow(b"", now)
 
     def _server_time(self, wall_ns: int) -> int:
         """The wall clock, made strictly increasing: a client accepts a notify only if
@@ -107,7 +122,7 @@ class V2Service:
     def handle(self, data: bytes, source: bytes, now: float, wall_ns: int,
                local: bytes | None = None) -> bytes | None:
         c = self.counters
-        opened = self._open(data, source)
+        opened = self._open(data, source, now)
         if opened is None:
             return None
         observed, client, body = opened
@@ -263,9 +278,11 @@ class V2Service:
         self.outbox.append(n)
         self.counters["notifications"] += 1
 
-    def _open(self, data: bytes, source: bytes) -> tuple[Endpoint, bytes, RequestBody] | None:
+    def _open(self, data: bytes, source: bytes,
+              now: float) -> tuple[Endpoint, bytes, RequestBody] | None:
         """The source as an endpoint, the client's key and the request, or None (counted:
-        an unusable source, a datagram that does not authenticate, a malformed one)."""
+        an unusable source, a new key over the budget, a datagram that does not
+        authenticate, a malformed one)."""
         c = self.counters
         try:
             observed = Endpoint.from_source(source)
@@ -273,6 +290,9 @@ class V2Service:
             observed = None
         if observed is None or not observed.usable:
             c["bad_source"] += 1
+            return None
+        if not self.may_derive(data, now):
+            c["new_key_limited"] += 1
             return None
         try:
             client, body = self.crypto.open_request(data)
@@ -284,13 +304,13 @@ class V2Service:
             return None
         return observed, client, body
 
-    def probe(self, data: bytes, source: bytes, wall_ns: int) -> bytes | None:
+    def probe(self, data: bytes, source: bytes, wall_ns: int, now: float) -> bytes | None:
         """A request at a probe port: if it authenticates and asks for the client itself
         (``peer_public == client_public``), a ``pending`` reply whose ``observed`` is the
         source as seen here. Nothing is registered or remembered (not even the
         timestamp, which is not checked: a replayed probe changes nothing and its reply
         is sealed to the real client). Anything else is counted and dropped."""
-        opened = self._open(data, source)
+        opened = self._open(data, source, now)
         if opened is None:
             return None
         observed, client, body = opened

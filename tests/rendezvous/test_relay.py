@@ -10,6 +10,7 @@ from rendezvous.relay import Relay, RelayConfig, RelayError, RelayTable, parse_p
 from rendezvous.service import Config, Service
 from rendezvous.v2.crypto import AuthError, ClientCrypto, ServerCrypto
 from rendezvous.v2.keys import generate_private_key
+from rendezvous.v2.service import V2Config, V2Service
 from rendezvous.v2.wire import (
     BIND_LEN,
     FLAG_RELAY,
@@ -161,6 +162,30 @@ def test_bind_datagram_round_trip_and_refusals() -> None:
         server.open_bind(req)
     with pytest.raises(WireError):  # a bind is never taken for a request
         server.open_request(dgram + bytes(8))
+
+
+def test_a_bind_under_a_new_key_waits_for_the_services_new_key_budget() -> None:
+    """The relay shares the v2 service's budget for keys not cached: with it spent, a
+    bind from such a key is dropped before any X25519; a cached key still binds."""
+    server = ServerCrypto(SERVER_PRIV)
+    ca = ClientCrypto(generate_private_key(), server.server_public)
+    cb = ClientCrypto(generate_private_key(), server.server_public)
+    svc = V2Service(V2Config(new_key_rate=1.0, new_key_burst=1.0,
+                             relay=RelayConfig(ports=(49919,))), server)
+    relay = svc.relay
+    assert relay is not None
+    t = relay.table
+    alloc = t.allocate(ca.client_public, cb.client_public, 0)
+    assert alloc is not None
+    p = alloc.port
+    relay.handle(p, ca.seal_bind(BindBody(WALL, cb.client_public)), SA, 0)  # spends it
+    misses = server.cache_misses
+    relay.handle(p, cb.seal_bind(BindBody(WALL, ca.client_public)), SB, 0)
+    assert (t.binds, t.drops["bind_new_key_limited"], server.cache_misses) == (1, 1, misses)
+    relay.handle(p, ca.seal_bind(BindBody(WALL + 1, cb.client_public)), SA, 0)  # cached
+    assert t.binds == 2
+    relay.handle(p, cb.seal_bind(BindBody(WALL, ca.client_public)), SB, 1.0)  # refilled
+    assert t.binds == 3 and relay.handle(p, b"\x04\0\0\0data", SA, 1.0) == SB
 
 
 def test_relay_message_round_trip() -> None:

@@ -3,6 +3,7 @@ from plain UDP sockets with datagrams built by ClientCrypto."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -15,7 +16,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from rendezvous.v2.crypto import ClientCrypto
 from rendezvous.v2.keys import decode_key, encode_key, generate_private_key
-from rendezvous.v2.wire import Endpoint, NotifyBody, ReplyBody, RequestBody, Status
+from rendezvous.v2.wire import (
+    REQUEST_LEN,
+    Endpoint,
+    MsgType,
+    NotifyBody,
+    ReplyBody,
+    RequestBody,
+    Status,
+    header,
+)
 from tests.nstools import have, is_root, py_env, slow_server
 
 _ADDR = re.compile(r"(?:\[([0-9a-f:]+)\]|([\d.]+)):(\d+)")
@@ -390,3 +400,33 @@ def test_v2_table_sizes_are_gauges_in_the_metrics(tmp_path):
     assert ("wgpunch_rendezvous_v2_asks", ()) in got
     assert not [k for k in got if re.match(r"wgpunch_rendezvous_v2_(peers|asks|keys_)", k[0])
                 and k[0].endswith("_total")], got
+
+
+def test_a_flood_of_forged_keys_is_held_to_the_new_key_budget(tmp_path):
+    """2,000 datagrams under random keys (each would cost an X25519) against
+    --new-key-rate 50 --new-key-burst 50: at most the budget of them is opened (and
+    fails), the rest is dropped and counted; a client known before the flood is
+    answered right after it."""
+    s = V2Server(tmp_path, "--listen", "127.0.0.1", "--new-key-rate", "50",
+                 "--new-key-burst", "50")
+    try:
+        assert "new keys 50/s burst 50" in s.lines[-1]
+        alice, bob = Peer(s), Peer(s)
+        with udp("127.0.0.1") as sa, udp("127.0.0.1") as flood:
+            assert alice.ask(sa, bob, "127.0.0.1").status is Status.PENDING
+            start = time.monotonic()
+            for i in range(2000):
+                flood.sendto(header(MsgType.REQUEST) + os.urandom(REQUEST_LEN - 8),
+                             ("127.0.0.1", s.port))
+                if i % 50 == 49:  # paced, so that none is lost in a small receive buffer
+                    time.sleep(0.002)
+            assert alice.ask(sa, bob, "127.0.0.1").status is Status.PENDING
+            elapsed = time.monotonic() - start
+    finally:
+        code, err = s.finish()
+    assert code == 0, err
+    line = [ln for ln in err.splitlines() if "stats: " in ln][-1]
+    stats = dict(re.findall(r"(v2_[a-z_]+)=(\d+)", line))
+    opened = int(stats["v2_auth_failed"])
+    assert opened <= 50 + 50 * elapsed + 1, (opened, elapsed, stats)
+    assert opened + int(stats["v2_new_key_limited"]) == 2000, stats

@@ -448,3 +448,33 @@ def test_probe_refuses_others_questions_and_forgeries(h):
     assert h.svc.probe(bytes(forged), v4(1, 1), 0.0, None, WALL) is None
     s = h.stats
     assert s["probe_refused"] == 2 and s["v2_auth_failed"] == 1 and s["probes"] == 0
+
+
+def test_new_keys_beyond_the_budget_are_dropped_before_any_x25519_and_known_ones_served():
+    """--new-key-rate 1 --new-key-burst 2: two new clients at once are opened, a third
+    (and a forgery under a random key) is dropped and counted without a derivation,
+    while the two known clients are still answered; a second later one more new key
+    fits."""
+    h = Harness(new_key_rate=1.0, new_key_burst=2.0)
+    a, b, c = h.client(), h.client(), h.client()
+    assert h.ask(a, b, v4(1, 4000)).status is Status.PENDING
+    assert h.ask(b, a, v4(2, 5000)).status is Status.FOUND
+    misses = h.crypto.cache_misses
+    assert h.send(c.request(a.pub), v4(3, 6000)) is None
+    forged = header(MsgType.REQUEST) + os.urandom(REQUEST_LEN - 8)
+    assert h.send(forged, v4(4, 7000)) is None
+    assert h.crypto.cache_misses == misses  # neither cost an X25519
+    assert (h.stats["v2_new_key_limited"], h.stats["v2_auth_failed"]) == (2, 0)
+    for _ in range(3):  # the known clients are not charged
+        assert h.ask(a, b, v4(1, 4000)).status is Status.FOUND
+    # answered (pending: a never asked for c)
+    assert h.ask(c, a, v4(3, 6000), now=1.0).status is Status.PENDING
+    assert h.stats["v2_new_key_limited"] == 2
+
+
+def test_the_new_key_budget_can_be_turned_off():
+    h = Harness(new_key_rate=0.0, new_key_burst=0.0)
+    clients = [h.client() for _ in range(20)]
+    for i, cl in enumerate(clients):
+        assert h.ask(cl, clients[0], v4(i + 1, 4000)) is not None
+    assert h.stats["v2_new_key_limited"] == 0
