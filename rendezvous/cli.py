@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .v2.keys import KeyFormatError
         try:
             private, loose_key = _read_server_key(args.key)
-            # as many clients' keys as the table holds clients (~330 B each; the
+            # as many clients' keys as the table holds clients (~320 B each; the
             # 4,096 most recent also keep their ready AEADs, ~4.4 KB each)
             crypto = ServerCrypto(private, cache_size=args.max_peers)
         except KeyFormatError as e:

@@ -176,19 +176,19 @@ class ServerCrypto:
     - **ready**: the ``hot_size`` most recently seen clients keep their two
       ChaCha20Poly1305 objects, as the AEAD calls need them. Each holds OpenSSL contexts:
       about 2.2 KB of memory, 4.4 KB a client.
-    - **keys**: the others keep only the 64 derived bytes (~330 B a client with the key
+    - **keys**: the others keep only the 64 derived bytes (~320 B a client with the key
       and the LRU's bookkeeping). When such a client is seen again its two objects are
-      rebuilt (~1.2 us) and it moves to the first level; the least recent client there
+      rebuilt (~2 us) and it moves to the first level; the least recent client there
       moves down.
 
-    So a busy server remembers a million clients in ~350 MB instead of 4.4 GB, and a
+    So a busy server remembers a million clients in ~320 MB instead of 4.4 GB, and a
     client returning after 20 s costs a rebuild, not an X25519. The order over both
     levels is the clients' last use; the least recent one is dropped when all
     ``cache_size`` places are taken.
 
     Only a datagram that authenticates (or a seal for a key) adds a cache entry, so
-    forged datagrams with random keys cost an X25519 each but never evict genuine
-    clients. ``cache_hits`` / ``cache_misses`` count lookups (a hit in either level).
+    forged datagrams with random keys cost an X25519 each (the service caps how many
+    a second: ``--new-key-rate``) but never evict genuine clients. ``cache_hits`` / ``cache_misses`` count lookups (a hit in either level).
     """
 
     def __init__(self, server_private: bytes, cache_size: int = 1 << 20,
