@@ -261,6 +261,8 @@ def test_genkey_pubkey_round_trip():
     (["--no-classic"], 2, "--no-classic without --key leaves no protocol"),
     (["--key", "/nonexistent/server.key"], 2, "--key: cannot read /nonexistent/server.key"),
     (["--listen", "2001:db8::55"], 1, "cannot listen on [2001:db8::55]:"),
+    (["--new-key-rate", "5", "--new-key-burst", "0.5"], 2,
+     "--new-key-burst must be at least 1 when --new-key-rate is on"),
 ])
 def test_configuration_errors_are_one_line(args, code, msg):
     r = subprocess.run([sys.executable, "-m", "rendezvous", "--port", "0", *args],
