@@ -213,9 +213,10 @@ class ServerCrypto:
         """Number of cached client keys (both levels)."""
         return len(self._hot) + len(self._keys)
 
-    def cached(self, client_pub: bytes) -> bool:
-        """Whether CLIENT_PUB's keys are cached (opening its datagrams needs no X25519);
-        a peek: the LRU order does not change."""
+    def sender_cached(self, datagram: BytesLike) -> bool:
+        """Whether the keys of the client a request or bind DATAGRAM names are cached,
+        i.e. opening it needs no X25519; a peek: the LRU order does not change."""
+        client_pub = bytes(datagram[HEADER_LEN:REQUEST_AD_LEN])
         return client_pub in self._hot or client_pub in self._keys
 
     @property

@@ -29,8 +29,6 @@ from .directory import LocalDirectory, SharedDirectory
 from .state import V2Registry
 from .wire import (
     FLAG_RELAY,
-    HEADER_LEN,
-    REQUEST_AD_LEN,
     Endpoint,
     NotifyBody,
     RelayBody,
@@ -109,8 +107,7 @@ class V2Service:
     def may_derive(self, datagram: bytes, now: float) -> bool:
         """Whether DATAGRAM (a request or a bind: the client key at bytes 8-40) may be
         opened at NOW: its key is cached, or the budget for new keys allows one more."""
-        return self.crypto.cached(datagram[HEADER_LEN:REQUEST_AD_LEN]) or \
-            self.new_keys.allow(b"", now)
+        return self.crypto.sender_cached(datagram) or self.new_keys.allow(b"", now)
 
     def _server_time(self, wall_ns: int) -> int:
         """The wall clock, made strictly increasing: a client accepts a notify only if
