@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["PunchError", "NotPermitted", "BadInterface", "BadServerKey", "ServerUnreachable",
-           "ServerUnresolvable"]
+__all__ = ["PunchError", "NotPermitted", "BadInterface", "BadServerKey", "FilterRefused",
+           "ServerUnreachable", "ServerUnresolvable"]
 
 
 class PunchError(Exception):
@@ -32,5 +32,11 @@ class BadServerKey(PunchError):
 
 class ServerUnreachable(PunchError):
     """No route to any address of the server."""
+
+    exit_code = 1
+
+
+class FilterRefused(PunchError):
+    """The kernel refused the reply filter on a raw socket (SO_ATTACH_FILTER)."""
 
     exit_code = 1

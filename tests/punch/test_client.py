@@ -256,6 +256,29 @@ def test_a_daemon_follows_a_new_listen_port_even_when_the_first_reopen_fails(ns)
     assert "reopened the channels on port 51840" in err, err
 
 
+def test_a_filter_the_kernel_refuses_at_start_is_one_line_and_exit_1(ns):
+    """The reply filter does not fit the socket's option memory (net.core.optmem_max cut
+    to 64 bytes in the namespace): wg-punch says why in one line and exits 1, with no
+    traceback, whether one-shot or a daemon."""
+    pair = Pair(ns)
+    port = start_server(ns)
+    optmem = ns.run(["sysctl", "-n", "net.core.optmem_max"]).stdout.strip()
+    ns.run(["sysctl", "-qw", "net.core.optmem_max=64"])
+    try:
+        runs = [punch(ns, *mode, f"127.0.0.1:{port}", pair.ifs[0])
+                for mode in (("--timeout", "5"), ("--daemon",))]
+    finally:
+        ns.run(["sysctl", "-qw", f"net.core.optmem_max={optmem}"])
+    for r in runs:
+        assert r.returncode == 1, r.stderr
+        errors = [line for line in r.stderr.splitlines() if "ERROR" in line or
+                  line.startswith("wg-punch:")]
+        assert len(errors) == 1, r.stderr
+        assert "cannot attach the reply filter" in errors[0], r.stderr
+        assert "optmem_max" in errors[0], r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+
+
 def test_a_daemon_outlives_its_interface_going_away_and_coming_back(ns):
     """wg-quick down/up, or wireguard-go restarted, while the daemon runs: the interface
     is gone when the daemon has an endpoint to set (the peer moved meanwhile). The
