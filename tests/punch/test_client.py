@@ -84,6 +84,21 @@ def registered_at(ns: Netns, port: int, pub: str) -> int | None:
     return int.from_bytes(reply[4:6], "big") if len(reply) == 6 else None
 
 
+def register_from_elsewhere(ns: Netns, port: int, pub: str) -> int:
+    """Register key PUB at the server 127.0.0.1:PORT from a fresh UDP port (as a client
+    behind a NAT that rebinds would); return that port once the server holds it."""
+    with ns.entered():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(1)
+        s.bind(("127.0.0.1", 0))
+        s.sendto(base64.b64decode(pub) * 2, ("127.0.0.1", port))  # a self lookup
+        reply = s.recv(64)
+        mine = s.getsockname()[1]
+    assert reply == socket.inet_aton("127.0.0.1") + mine.to_bytes(2, "big"), reply
+    return mine
+
+
 def test_two_peers_find_each_other_and_handshake(ns):
     pair = Pair(ns)
     port = start_server(ns)
@@ -229,6 +244,14 @@ def test_a_daemon_follows_a_new_listen_port_even_when_the_first_reopen_fails(ns)
     deadline = time.monotonic() + 15
     while registered_at(ns, port, alice_pub) != 51820 and time.monotonic() < deadline:
         time.sleep(0.2)
+    # The first request leaves before the daemon arms its filter. Move Alice's entry
+    # away and wait for a later request to move it back: that one comes from the
+    # daemon's loop, so its filter is on before the option memory is cut.
+    elsewhere = register_from_elsewhere(ns, port, alice_pub)
+    assert elsewhere != 51820
+    while registered_at(ns, port, alice_pub) != 51820 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert d.poll() is None, d.stderr.read().decode() if d.stderr else ""
     optmem = ns.run(["sysctl", "-n", "net.core.optmem_max"]).stdout.strip()
     ns.run(["sysctl", "-qw", "net.core.optmem_max=64"])
     try:
