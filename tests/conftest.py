@@ -8,6 +8,18 @@ from punch.statefile import ENV_DIR
 from tests.nstools import Netns, have, is_root
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    from tests import test_kernel_vm
+
+    test_kernel_vm.start_early(session.items)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests import test_kernel_vm
+
+    test_kernel_vm.stop_early()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if is_root():
         return
