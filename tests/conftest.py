@@ -9,6 +9,8 @@ from tests.nstools import Netns, have, is_root
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
     from tests import test_kernel_vm
 
     test_kernel_vm.start_early(session.items)
