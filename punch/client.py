@@ -22,13 +22,7 @@ from typing import TYPE_CHECKING
 from rendezvous.classic import DEFAULT_PORT, short_key
 from rendezvous.logsetup import peer_fields
 
-from .errors import (
-    BadInterface,
-    FilterRefused,
-    NotPermitted,
-    PunchError,
-    ServerUnresolvable,
-)
+from .errors import BadInterface, NotPermitted, PunchError, ServerUnresolvable
 from .machine import Apply, DeviceView, Keepalive, PeerView, Punch, Timing
 
 if TYPE_CHECKING:
@@ -366,11 +360,7 @@ class Client:
         machine.update_device(start, _view(self.device, time.time()))
         self._send_due(start)  # the first request goes out before cffi loads
         for ch in self.channels:
-            try:
-                ch.arm()
-            except OSError as e:
-                raise FilterRefused(f"cannot attach the reply filter to the raw socket on "
-                                    f"port {self.wg_port}: {e}") from None
+            ch.arm()
         for ch in self.channels:
             self.poller.register(ch.fileno(), select.POLLIN)
         self.poller.register(self._wake_r.fileno(), select.POLLIN)

@@ -36,7 +36,7 @@ from bpf.programs import (
     ipv4_reply_filter, ipv6_reply_filter, looks_like_ipv4_reply, looks_like_ipv6_reply,
 )
 
-from .errors import NotPermitted, PunchError
+from .errors import FilterRefused, NotPermitted, PunchError
 from .udp import UdpError, build_udp, parse_ipv4_udp, parse_udp, udp_header
 
 __all__ = ["RawChannel", "RawChannel6", "open_channel", "source_address_for"]
@@ -90,9 +90,10 @@ class RawChannel:
 
         try:
             attach_filter(self.sock, self._filter())
-        except OSError:
+        except OSError as e:
             self.sock.close()
-            raise
+            raise FilterRefused(f"cannot attach the reply filter to the raw socket on port "
+                                f"{self.wg_port}: {e}") from None
         self.armed = True
         before = self.ignored
         self._early.extend(self._read())

@@ -72,16 +72,17 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
-class _EarlyRun:
-    """The VM run started in the background when collection ended."""
+class _VmRun:
+    """One VM run, started at once; NICED when it runs beside the suite (started when
+    collection ended), so that the suite's own processes keep the CPU they need."""
 
-    def __init__(self) -> None:
+    def __init__(self, niced: bool) -> None:
         # open until result(): the VM writes to them while the suite runs
         self.out: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.err: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.start = time.monotonic()
-        # niced: the suite's own processes keep the CPU they need
-        self.proc = subprocess.Popen(["nice", "-n", "10", *_ARGV], cwd=REPO, stdout=self.out,
+        argv = ["nice", "-n", "10", *_ARGV] if niced else _ARGV
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self.out,
                                      stderr=self.err, stdin=subprocess.DEVNULL,
                                      env=dict(os.environ, WGVM_TIMEOUT=str(_TIMEOUT - 60)),
                                      preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads yet)
@@ -111,7 +112,7 @@ class _EarlyRun:
                 self.proc.wait()
 
 
-_early: _EarlyRun | None = None
+_early: _VmRun | None = None
 
 
 def start_early(items: list[pytest.Item]) -> None:
@@ -121,7 +122,7 @@ def start_early(items: list[pytest.Item]) -> None:
     if (_early is not None or os.environ.get("WGPUNCH_VM_EARLY", "1") == "0" or len(items) < 2
             or _NODEID not in {item.nodeid for item in items} or _missing() is not None):
         return
-    _early = _EarlyRun()
+    _early = _VmRun(niced=True)
 
 
 def stop_early() -> None:
@@ -137,16 +138,11 @@ def stop_early() -> None:
 @pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
 def test_kernel_tests_in_vm() -> None:
     global _early
-    if _early is not None:
-        code, out, err, elapsed = _early.result()
-        _early, how = None, "started when collection ended"
-    else:
-        start = time.monotonic()
-        r = subprocess.run(_ARGV, cwd=REPO, capture_output=True, text=True, timeout=_TIMEOUT,
-                           check=False,
-                           env=dict(os.environ, WGVM_TIMEOUT=str(_TIMEOUT - 60)))
-        code, out, err, elapsed = r.returncode, r.stdout, r.stderr, time.monotonic() - start
-        how = "run now"
+    run, how = _early, "started when collection ended"
+    if run is None:
+        run, how = _VmRun(niced=False), "run now"
+    _early = None
+    code, out, err, elapsed = run.result()
     tail = (out[-6000:] + ("\n--- stderr ---\n" + err[-3000:] if err else ""))
     print(f"kernel VM run ({how}): exit {code} after {elapsed:.0f} s\n{tail}")
     assert code == 0, f"tests/kernel in the VM exited {code}:\n{tail}"
